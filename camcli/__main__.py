@@ -1,0 +1,5 @@
+"""`python -m camcli` runs the same app as the `camcli` console script."""
+
+from camcli.cli import main
+
+main()

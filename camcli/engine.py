@@ -1,0 +1,385 @@
+"""The shared engine: hooks, targets and one pass per batch for every requested method.
+
+A batch is explained with one forward (and, if any method needs it, one partial
+backward per target rank) for all CAM-family methods together: parameters are
+frozen for the call and the hooked activation is made a leaf that requires grad,
+so autograd records nothing before it and `torch.autograd.grad` computes no weight
+gradients. Input-gradient methods (guided backprop) take one more forward and a
+backward to the input. Every hook and every flag the engine changes is put back in
+`finally`, whatever a method raises.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from camcli.errors import MethodNotApplicable, UsageError
+from camcli.methods import CamContext, CamMethod, CombinedMethod, InputGradientMethod, Method, get_method
+from camcli.models import LayerInfo
+
+# Activation modules whose backward guided backprop does not define.
+_NON_RECTIFIER_MODULES = (
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Mish,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.Softplus,
+)
+_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
+_NON_RECTIFIER_FUNCTIONS = {
+    F.silu,
+    F.gelu,
+    F.hardswish,
+    F.mish,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.leaky_relu,
+    F.prelu,
+    F.softplus,
+}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which class each sample is explained for: its top-1, a fixed index, or its top-k."""
+
+    index: int | None = None  # None: the sample's own prediction(s)
+    topk: int = 1
+
+    def resolve(self, logits: Tensor) -> list[Tensor]:
+        """One (B,) tensor of class indices per rank, each sample with its own target."""
+        if self.index is not None:
+            return [torch.full((logits.shape[0],), self.index, device=logits.device)]
+        ranked = logits.topk(self.topk, dim=1).indices
+        return list(ranked.unbind(1))
+
+
+@dataclass
+class Explanation:
+    """One method's result for a batch and one target rank."""
+
+    method: str
+    rank: int
+    layer: str | None  # None for input-gradient methods
+    targets: Tensor  # (B,) class index per sample
+    maps: Tensor  # CAM family: (B, h, w) in [0, 1]; gradients: (B, 3, H, W), raw
+    flat: Tensor  # (B,) True where the map had no variation (written as zeros)
+
+    @property
+    def is_gradient(self) -> bool:
+        return self.maps.ndim == 4
+
+
+@dataclass
+class BatchResult:
+    logits: Tensor  # (B, num_classes)
+    explanations: list[Explanation]
+
+
+def normalise(maps: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-map min-max to [0, 1]; maps without variation (or not finite) become zeros."""
+    values = maps.flatten(1).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    lo = values.amin(1, keepdim=True)
+    hi = values.amax(1, keepdim=True)
+    span = hi - lo
+    flat = (span <= 1e-6 * torch.maximum(hi.abs(), lo.abs())).squeeze(1)
+    scaled = torch.where(flat[:, None], torch.zeros_like(values), (values - lo) / span)
+    return scaled.view_as(maps), flat
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and frozen parameters for the call; every flag restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextmanager
+def capture(module: nn.Module, as_consumed: bool, track_grad: bool) -> Iterator[dict[str, Tensor]]:
+    """Hook `module` and keep its output under ``"activation"``.
+
+    With `track_grad` the output is cut from the graph and made a leaf that requires
+    grad: nothing before it is recorded. The model continues with a copy, so in-place
+    ops downstream (ResNet's ``+=``, DenseNet's ``relu_``) never touch the leaf. With
+    `as_consumed` the copy is kept instead: it ends up holding the tensor as pooled.
+    """
+    store: dict[str, Tensor] = {}
+
+    def hook(_: nn.Module, __: Any, output: Any) -> Tensor:
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            raise UsageError("the target layer must output one (B, C, H, W) tensor")
+        source = output.detach().requires_grad_(True) if track_grad else output
+        passed = source.clone()
+        store["activation"] = passed if as_consumed else source
+        return passed
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class _Rectifier(torch.autograd.Function):
+    """clamp(x, lo, hi) whose backward is a method's rule (e.g. guided backprop's)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lo: float, hi: float, rule: Callable[..., Tensor]) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.lo, ctx.hi, ctx.rule = lo, hi, rule
+        return x.clamp(min=lo, max=None if math.isinf(hi) else hi)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (x,) = ctx.saved_tensors
+        return ctx.rule(grad_out, x, ctx.lo, ctx.hi), None, None, None
+
+
+class _RectifierMode(TorchFunctionMode):
+    """Routes every ReLU/ReLU6 call (module or functional, in-place or not) through
+    `_Rectifier`; refuses activations the rule is not defined for."""
+
+    def __init__(self, rule: Callable[..., Tensor], method: str) -> None:
+        super().__init__()
+        self.rule = rule
+        self.method = method
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _RELU_FUNCTIONS:
+            return _Rectifier.apply(args[0], 0.0, math.inf, self.rule)
+        if func is F.relu6:
+            return _Rectifier.apply(args[0], 0.0, 6.0, self.rule)
+        if func is F.hardtanh:  # nn.ReLU6 is a Hardtanh(0, 6)
+            lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+            hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+            if lo == 0.0:
+                return _Rectifier.apply(args[0], 0.0, float(hi), self.rule)
+            raise _not_rectifier(self.method, f"hardtanh({lo}, {hi})")
+        if func in _NON_RECTIFIER_FUNCTIONS:
+            raise _not_rectifier(self.method, func.__name__)
+        return func(*args, **kwargs)
+
+
+def _not_rectifier(method: str, activation: str) -> MethodNotApplicable:
+    return MethodNotApplicable(
+        f"{method} is defined for ReLU/ReLU6 networks; this model uses {activation} "
+        "(use gradcam or scorecam instead)"
+    )
+
+
+class Explainer:
+    """Explains batches of one model at one layer with a set of methods."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerInfo,
+        methods: Sequence[Method],
+        *,
+        chunk_size: int = 32,
+    ) -> None:
+        self.model = model
+        self.layer = layer
+        self.methods = list(methods)
+        self.chunk_size = chunk_size
+        self.module = dict(model.named_modules())[layer.name]
+        wanted = {m.name: m for m in self.methods}
+        for method in self.methods:
+            if isinstance(method, CombinedMethod):
+                for name in method.requires:
+                    wanted.setdefault(name, get_method(name))
+        self._cam = [m for m in wanted.values() if isinstance(m, CamMethod)]
+        self._gradient = [m for m in wanted.values() if isinstance(m, InputGradientMethod)]
+        self._check_applicable()
+
+    def _check_applicable(self) -> None:
+        for method in self._cam:
+            if method.needs_linear_head and self.layer.head is None:
+                raise MethodNotApplicable(
+                    f"{method.name} needs a global-average-pool + linear head fed by layer "
+                    f"{self.layer.name!r}, which this model does not have (use gradcam instead)"
+                )
+        if self._gradient:
+            for name, module in self.model.named_modules():
+                if isinstance(module, _NON_RECTIFIER_MODULES):
+                    raise _not_rectifier(self._gradient[0].name, f"{type(module).__name__} ({name})")
+
+    def explain(self, inputs: Tensor, target: TargetSpec) -> BatchResult:
+        """Explain a (B, 3, H, W) batch; each sample gets its own target(s)."""
+        results: dict[tuple[str, int], Explanation] = {}
+        with frozen(self.model):
+            logits, targets = None, None
+            if self._cam:
+                logits, targets = self._cam_pass(inputs, target, results)
+            for method in self._gradient:
+                logits, targets = self._gradient_pass(inputs, target, targets, method, results)
+        assert logits is not None and targets is not None
+        for method in self.methods:
+            if isinstance(method, CombinedMethod):
+                gradient_name, cam_name = method.requires
+                for rank in range(len(targets)):
+                    gradient = results[gradient_name, rank]
+                    cam = results[cam_name, rank].maps.unsqueeze(1)
+                    cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+                    maps = method.combine(gradient.maps, cam.squeeze(1))
+                    results[method.name, rank] = Explanation(
+                        method.name, rank, self.layer.name, targets[rank], maps, _gradient_flat(maps)
+                    )
+        ordered = [
+            results[m.name, rank] for rank in range(len(targets)) for m in self.methods
+        ]
+        return BatchResult(logits=logits, explanations=ordered)
+
+    def _cam_pass(
+        self, inputs: Tensor, target: TargetSpec, results: dict[tuple[str, int], Explanation]
+    ) -> tuple[Tensor, list[Tensor]]:
+        track_grad = any(m.needs_gradient for m in self._cam)
+        with capture(self.module, self.layer.as_consumed, track_grad) as store:
+            with torch.set_grad_enabled(track_grad):
+                logits = self.model(inputs)
+        activations = store["activation"]
+        targets = target.resolve(logits)
+        for rank, rank_targets in enumerate(targets):
+            gradients = None
+            if track_grad:
+                score = logits.gather(1, rank_targets[:, None]).sum()
+                (gradients,) = torch.autograd.grad(
+                    score, activations, retain_graph=rank < len(targets) - 1, allow_unused=True
+                )
+                if gradients is None:
+                    raise MethodNotApplicable(f"layer {self.layer.name!r} does not influence the logits")
+            ctx = CamContext(
+                activations=activations.detach(),
+                gradients=gradients,
+                targets=rank_targets,
+                logits=logits.detach(),
+                inputs=inputs,
+                head_weight=self._head_weight(),
+                forward=self.model,
+                chunk_size=self.chunk_size,
+            )
+            for method in self._cam:
+                with torch.no_grad():
+                    weights = method.weights(ctx)
+                    if weights.ndim == 2:
+                        weights = weights[:, :, None, None]
+                    cam = (weights * ctx.activations).sum(1).relu()
+                    maps, flat = normalise(cam)
+                results[method.name, rank] = Explanation(
+                    method.name, rank, self.layer.name, rank_targets, maps, flat
+                )
+        return logits.detach(), targets
+
+    def _gradient_pass(
+        self,
+        inputs: Tensor,
+        target: TargetSpec,
+        targets: list[Tensor] | None,
+        method: InputGradientMethod,
+        results: dict[tuple[str, int], Explanation],
+    ) -> tuple[Tensor, list[Tensor]]:
+        leaf = inputs.detach().requires_grad_(True)
+        with torch.enable_grad(), _RectifierMode(method.rectifier_backward, method.name):
+            logits = self.model(leaf)
+        targets = targets if targets is not None else target.resolve(logits)
+        for rank, rank_targets in enumerate(targets):
+            score = logits.gather(1, rank_targets[:, None]).sum()
+            (gradient,) = torch.autograd.grad(score, leaf, retain_graph=rank < len(targets) - 1)
+            gradient = gradient.nan_to_num(0.0)
+            results[method.name, rank] = Explanation(
+                method.name, rank, None, rank_targets, gradient, _gradient_flat(gradient)
+            )
+        return logits.detach(), targets
+
+    def _head_weight(self) -> Tensor | None:
+        if self.layer.head is None:
+            return None
+        return dict(self.model.named_modules())[self.layer.head].weight.detach()
+
+
+def _gradient_flat(gradient: Tensor) -> Tensor:
+    return gradient.flatten(1).abs().amax(1) == 0
+
+
+def parse_target(
+    target: str | None, topk: int | None, categories: Sequence[str] | None, num_classes: int
+) -> TargetSpec:
+    """`--target` (top1, an index or a class name) and `--topk` as a TargetSpec."""
+    if target is not None and topk is not None:
+        raise UsageError("--target and --topk exclude each other")
+    if topk is not None:
+        if not 1 <= topk <= num_classes:
+            raise UsageError(f"--topk must be between 1 and {num_classes}, not {topk}")
+        return TargetSpec(topk=topk)
+    if target is None or target.lower() == "top1":
+        return TargetSpec()
+    if target.lstrip("-").isdigit():
+        index = int(target)
+        if not 0 <= index < num_classes:
+            raise UsageError(f"--target {index} is out of range: the model has {num_classes} classes")
+        return TargetSpec(index=index)
+    names = list(categories or [])
+    for matches in (
+        [i for i, n in enumerate(names) if n == target],
+        [i for i, n in enumerate(names) if n.lower() == target.lower()],
+    ):
+        if len(matches) == 1:
+            return TargetSpec(index=matches[0])
+        if len(matches) > 1:
+            listed = ", ".join(f"{i} ({names[i]})" for i in matches)
+            raise UsageError(f"class name {target!r} is ambiguous: {listed}; give the index")
+    similar = [n for n in names if target.lower() in n.lower()]
+    similar = similar or difflib.get_close_matches(target, names, n=5, cutoff=0.6)
+    hint = f"; candidates: {', '.join(similar[:8])}" if similar else ""
+    raise UsageError(f"unknown class name {target!r}{hint}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device`: auto (cuda, then mps, then cpu) or an explicit device that must exist."""
+    name = name.lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UsageError(f"device {name} is not available (this machine has {count} CUDA devices)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device mps is not available on this machine")
+    elif device.type != "cpu":
+        raise UsageError(f"device {name!r} is not supported: use auto, cpu, cuda, cuda:N or mps")
+    return device

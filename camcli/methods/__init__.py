@@ -1,0 +1,72 @@
+"""Method registry: one small module per method, registered by its CLI name.
+
+Adding a method: write `camcli/methods/mymethod.py` with a subclass of one of the
+bases in `camcli.methods.base` decorated with `@register`, and import it below.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from camcli.errors import UsageError
+from camcli.methods.base import CamContext, CamMethod, CombinedMethod, InputGradientMethod, Method
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator adding a method under `cls.name`; duplicates are a bug."""
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"method {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """An instance of the method called `name`, or a usage error with suggestions."""
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UsageError(
+            f"unknown method {name!r}{hint}; available: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def parse_methods(spec: str) -> list[Method]:
+    """Parse `-m a,b` (or `all`) into method instances, keeping order, dropping repeats."""
+    names = [part.strip().lower() for part in spec.split(",") if part.strip()]
+    if not names:
+        raise UsageError("no method given")
+    if "all" in names:
+        names = list_methods()
+    return [get_method(name) for name in dict.fromkeys(names)]
+
+
+# Registration order is the order of `all` and of `camcli methods`.
+from camcli.methods import (  # noqa: E402,F401
+    cam,
+    gradcam,
+    gradcampp,
+    guided_backprop,
+    guided_gradcam,
+    scorecam,
+)
+
+__all__ = [
+    "CamContext",
+    "CamMethod",
+    "CombinedMethod",
+    "InputGradientMethod",
+    "Method",
+    "get_method",
+    "list_methods",
+    "parse_methods",
+    "register",
+]

@@ -1,0 +1,28 @@
+"""CAM: Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016.
+
+M_c(x, y) = sum_k w_k^c f_k(x, y), where w^c is the final linear layer's row for
+class c and f_k the feature maps that global average pooling feeds into it (eq. 2).
+No gradient: the weights are read off the model.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from camcli.methods import register
+from camcli.methods.base import CamContext, CamMethod
+
+
+@register
+class CAM(CamMethod):
+    name = "cam"
+    title = "CAM"
+    paper = "Zhou, Khosla, Lapedriza, Oliva, Torralba, CVPR 2016"
+    url = "https://arxiv.org/abs/1512.04150"
+    needs = "GAP + linear head"
+    cost = "1 forward"
+    needs_linear_head = True
+
+    def weights(self, ctx: CamContext) -> Tensor:
+        assert ctx.head_weight is not None  # the engine refuses models without a head
+        return ctx.head_weight[ctx.targets]

@@ -1,0 +1,29 @@
+"""Guided backpropagation: Springenberg et al., "Striving for Simplicity: The All
+Convolutional Net", ICLR 2015 workshop (section 3.4).
+
+The input gradient of the target's logit, where every rectifier passes back only
+positive gradients, and only where its own forward input was in its linear range:
+R_i = (f_i > 0) * (R_{i+1} > 0) * R_{i+1}. Applies to ReLU and ReLU6 (in-place or
+not, module or functional); the engine refuses models with other activations.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from camcli.methods import register
+from camcli.methods.base import InputGradientMethod
+
+
+@register
+class GuidedBackprop(InputGradientMethod):
+    name = "guided-backprop"
+    title = "Guided Backpropagation"
+    paper = "Springenberg, Dosovitskiy, Brox, Riedmiller, ICLR-W 2015"
+    url = "https://arxiv.org/abs/1412.6806"
+    needs = "ReLU/ReLU6 activations, gradient to the input"
+    cost = "1 forward + full backward"
+
+    @staticmethod
+    def rectifier_backward(grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
+        return grad_out.clamp(min=0) * ((x > lo) & (x < hi))

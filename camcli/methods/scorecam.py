@@ -1,0 +1,50 @@
+"""Score-CAM: Wang et al., "Score-CAM: Score-Weighted Visual Explanations for
+Convolutional Neural Networks", CVPR Workshops 2020 (as in the official code).
+
+Each channel A_k, upsampled to the input size and min-max normalised to H_k, masks
+the (normalised) input; its weight is the target's softmax probability on that
+masked input: w_k = softmax(f(X * H_k))_c (eq. 3-5). Channels whose activation is
+constant have no defined mask and get weight 0 (the official code skips them).
+All (sample, channel) pairs of a batch are flattened and run in chunks without
+autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from camcli.methods import register
+from camcli.methods.base import CamContext, CamMethod
+
+
+@register
+class ScoreCAM(CamMethod):
+    name = "scorecam"
+    title = "Score-CAM"
+    paper = "Wang, Wang, Du, Yang, Zhang, Ding, Mardziel, Hu, CVPR-W 2020"
+    url = "https://arxiv.org/abs/1910.01279"
+    needs = "K forwards (K = non-constant channels)"
+    cost = "1 + K forwards"
+
+    def weights(self, ctx: CamContext) -> Tensor:
+        acts = ctx.activations
+        batch, channels = acts.shape[:2]
+        size = ctx.inputs.shape[-2:]
+        flat = acts.flatten(2)
+        live = flat.amax(-1) > flat.amin(-1)  # (B, C) non-constant channels
+        weights = torch.zeros(batch, channels, device=acts.device, dtype=torch.float32)
+        pairs = live.nonzero()  # (N, 2) rows of (sample, channel)
+        with torch.inference_mode():
+            for chunk in pairs.split(ctx.chunk_size):
+                b, c = chunk.unbind(1)
+                masks = F.interpolate(
+                    acts[b, c].unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False
+                )
+                lo = masks.amin(dim=(2, 3), keepdim=True)
+                span = masks.amax(dim=(2, 3), keepdim=True) - lo
+                masks = (masks - lo) / span.clamp(min=torch.finfo(masks.dtype).tiny)
+                probs = ctx.forward(ctx.inputs[b] * masks).float().softmax(-1)
+                weights[b, c] = probs.gather(1, ctx.targets[b].unsqueeze(1)).squeeze(1)
+        return weights

@@ -1,0 +1,305 @@
+"""Folder runs: prefetch (decode + resize in threads) -> engine (one pass per batch) ->
+writers (render + atomic writes in a background thread, the JSON last).
+
+The model thread never waits on disk: decoding of batch n+1 runs while batch n is on
+the model, and rendering/writing of batch n runs while batch n+1 is. Maps are moved to
+the CPU and converted to numpy once per batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from camcli import __version__
+from camcli.engine import BatchResult, Explainer, TargetSpec
+from camcli.errors import ImageError
+from camcli.io import InputItem, atomic_write, decode_image, encode_image, json_bytes, npy_bytes, read_json
+from camcli.models import InputSpec, LoadedModel
+from camcli.render import gradient_image, overlay, resize
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    out_dir: Path
+    batch_size: int = 8
+    colormap: str = "jet"
+    alpha: float = 0.5
+    save_heatmap: bool = False
+    overwrite: bool = False
+    workers: int = 2  # decode threads: cv2 and torch release the GIL
+
+
+@dataclass
+class RunSummary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Decoded:
+    item: InputItem
+    image: np.ndarray | None = None  # RGB uint8, original size
+    tensor: torch.Tensor | None = None  # (3, S, S) normalised model input
+    error: str | None = None
+
+
+def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> normalised (3, S, S): the whole image resized (no crop), so
+    the heatmap covers the whole picture; antialiased like torchvision's transforms."""
+    x = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    x = F.interpolate(
+        x, size=(spec.size, spec.size), mode=spec.interpolation, antialias=True, align_corners=False
+    ).clamp_(0.0, 1.0)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return ((x - mean) / std).squeeze(0)
+
+
+class ExplainRun:
+    """One `camcli explain` over a list of inputs."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        explainer: Explainer,
+        target: TargetSpec,
+        device: torch.device,
+        options: RunOptions,
+        request: dict[str, Any],
+    ) -> None:
+        self.loaded = loaded
+        self.explainer = explainer
+        self.target = target
+        self.device = device
+        self.options = options
+        self.request = request  # what a re-run must match to skip an image
+        self._writes_pending = threading.BoundedSemaphore(4 * options.batch_size)
+
+    def run(
+        self,
+        items: Sequence[InputItem],
+        emit: Callable[[dict[str, Any]], None],
+        report_error: Callable[[str], None],
+        advance: Callable[[int], None],
+    ) -> RunSummary:
+        """Explain `items`; `emit` gets each image's record in input order."""
+        summary = RunSummary()
+        writes: list[tuple[_Decoded, Future[None]]] = []
+        with (
+            ThreadPoolExecutor(self.options.workers, thread_name_prefix="camcli-decode") as decoder,
+            ThreadPoolExecutor(1, thread_name_prefix="camcli-write") as writer,
+        ):
+            for batch in self._batches(items, decoder):
+                for entry in batch:
+                    if isinstance(entry, dict):  # finished by an earlier run
+                        summary.skipped += 1
+                        emit(entry)
+                advance_by = sum(isinstance(entry, dict) for entry in batch)
+                decoded = [entry for entry in batch if isinstance(entry, _Decoded)]
+                for entry, record, job in self._explain(decoded, summary, report_error):
+                    emit(record)
+                    self._writes_pending.acquire()  # bounds memory: at most 4 batches queued
+                    future = writer.submit(job)
+                    future.add_done_callback(lambda _: self._writes_pending.release())
+                    writes.append((entry, future))
+                advance(advance_by + len(decoded))
+                writes = self._collect_finished(writes, summary, report_error, wait=False)
+            self._collect_finished(writes, summary, report_error, wait=True)
+        return summary
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def _batches(self, items: Sequence[InputItem], decoder: ThreadPoolExecutor) -> Iterator[list[Any]]:
+        """Batches of decoded inputs (or earlier records), decoding one batch ahead."""
+        size = self.options.batch_size
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+        pending: list[Any] | None = None
+        for chunk in [*chunks, None]:
+            submitted = None
+            if chunk is not None:
+                submitted = [
+                    self._finished_record(item) or decoder.submit(self._decode, item) for item in chunk
+                ]
+            if pending is not None:
+                yield [entry.result() if isinstance(entry, Future) else entry for entry in pending]
+            pending = submitted
+
+    def _decode(self, item: InputItem) -> _Decoded:
+        try:
+            image = decode_image(item.path)
+            return _Decoded(item, image, preprocess(image, self.loaded.input))
+        except ImageError as exc:
+            return _Decoded(item, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - a broken file must not stop the run
+            return _Decoded(item, error=f"cannot decode: {type(exc).__name__}: {exc}")
+
+    def _explain(
+        self, decoded: list[_Decoded], summary: RunSummary, report_error: Callable[[str], None]
+    ) -> Iterator[tuple[_Decoded, dict[str, Any], Callable[[], None]]]:
+        good = [d for d in decoded if d.error is None]
+        result = None
+        if good:
+            batch = torch.stack([d.tensor for d in good]).to(self.device)  # type: ignore[misc]
+            result = self.explainer.explain(batch, self.target)
+        arrays = _to_numpy(result) if result is not None else None
+        position = 0
+        for entry in decoded:
+            if entry.error is not None:
+                summary.failed += 1
+                message = f"{entry.item.path}: {entry.error}"
+                summary.errors.append(message)
+                report_error(message)
+                record = self._record(entry, None, 0)
+                yield entry, record, self._job(entry, record, None, 0)
+                continue
+            summary.done += 1
+            record = self._record(entry, arrays, position)
+            yield entry, record, self._job(entry, record, arrays, position)
+            position += 1
+
+    # -- records and files ----------------------------------------------------------------
+
+    def _json_path(self, item: InputItem) -> Path:
+        return self.options.out_dir / f"{item.key}.json"
+
+    def _finished_record(self, item: InputItem) -> dict[str, Any] | None:
+        if self.options.overwrite:
+            return None
+        path = self._json_path(item)
+        record = read_json(path)
+        if record is None or record.get("error") is not None or record.get("request") != self.request:
+            return None
+        outputs = [e.get("overlay") for e in record.get("explanations", [])]
+        outputs += [e.get("heatmap") for e in record.get("explanations", []) if e.get("heatmap")]
+        if not all(isinstance(o, str) and (path.parent / o).is_file() for o in outputs):
+            return None
+        return record
+
+    def _record(self, entry: _Decoded, arrays: dict[str, Any] | None, i: int) -> dict[str, Any]:
+        loaded = self.loaded
+        record: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "image": str(entry.item.path),
+            "width": None,
+            "height": None,
+            "model": loaded.name,
+            "weights": loaded.weights,
+            "input": loaded.input.to_json(),
+            "device": str(self.device),
+            "versions": {"camcli": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+            "predictions": [],
+            "explanations": [],
+            "error": entry.error,
+            "request": self.request,
+        }
+        if arrays is None:
+            return record
+        assert entry.image is not None
+        record["height"], record["width"] = (int(v) for v in entry.image.shape[:2])
+        record["predictions"] = [
+            {"index": int(c), "label": loaded.label(int(c)), "score": float(s)}
+            for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
+        ]
+        name = Path(entry.item.key).name
+        topk = self.target.topk > 1
+        for e in arrays["explanations"]:
+            index = int(e["targets"][i])
+            stem = f"{name}.{e['method']}" + (f".c{index}" if topk else "")
+            record["explanations"].append(
+                {
+                    "method": e["method"],
+                    "layer": e["layer"],
+                    "target": {"index": index, "label": loaded.label(index), "score": float(e["scores"][i])},
+                    "overlay": f"{stem}.png",
+                    "heatmap": f"{stem}.npy" if self.options.save_heatmap else None,
+                    "warning": "flat map" if e["flat"][i] else None,
+                }
+            )
+        return record
+
+    def _job(
+        self, entry: _Decoded, record: dict[str, Any], arrays: dict[str, Any] | None, i: int
+    ) -> Callable[[], None]:
+        """Render and write one image's files; the JSON goes last, so it marks 'done'."""
+        json_path = self._json_path(entry.item)
+        options = self.options
+
+        def write() -> None:
+            folder = json_path.parent
+            if arrays is not None:
+                assert entry.image is not None
+                height, width = entry.image.shape[:2]
+                for e, meta in zip(arrays["explanations"], record["explanations"], strict=True):
+                    heat = e["maps"][i]
+                    if heat.ndim == 3:  # input gradient (3, H, W): deprocessed image
+                        raw = resize(np.ascontiguousarray(heat.transpose(1, 2, 0)), width, height)
+                        picture = gradient_image(raw)
+                    else:
+                        raw = np.clip(resize(heat, width, height), 0.0, 1.0)
+                        picture = overlay(entry.image, raw, options.colormap, options.alpha)
+                    atomic_write(folder / meta["overlay"], encode_image(picture))
+                    if meta["heatmap"]:
+                        atomic_write(folder / meta["heatmap"], npy_bytes(raw.astype(np.float32)))
+            atomic_write(json_path, json_bytes(record))
+
+        return write
+
+    @staticmethod
+    def _collect_finished(
+        writes: list[tuple[_Decoded, Future[None]]],
+        summary: RunSummary,
+        report_error: Callable[[str], None],
+        wait: bool,
+    ) -> list[tuple[_Decoded, Future[None]]]:
+        remaining = []
+        for entry, future in writes:
+            if not wait and not future.done():
+                remaining.append((entry, future))
+                continue
+            error = future.exception()
+            if error is None:
+                continue
+            if entry.error is None:  # counted as done when explained
+                summary.done -= 1
+                summary.failed += 1
+            message = f"{entry.item.path}: cannot write outputs: {error}"
+            summary.errors.append(message)
+            report_error(message)
+        return remaining
+
+
+def _to_numpy(result: BatchResult) -> dict[str, Any]:
+    """Everything the writers need from a batch, moved to the CPU once."""
+    probs = result.logits.float().softmax(1)
+    top = probs.topk(min(5, probs.shape[1]), dim=1)
+    explanations = []
+    for e in result.explanations:
+        explanations.append(
+            {
+                "method": e.method,
+                "layer": e.layer,
+                "targets": e.targets.cpu().numpy(),
+                "scores": probs.gather(1, e.targets[:, None]).squeeze(1).cpu().numpy(),
+                "maps": e.maps.float().cpu().numpy(),
+                "flat": e.flat.cpu().numpy(),
+            }
+        )
+    return {
+        "top_index": top.indices.cpu().numpy(),
+        "top_score": top.values.cpu().numpy(),
+        "explanations": explanations,
+    }
