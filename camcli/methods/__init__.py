@@ -7,6 +7,7 @@ bases in `camcli.methods.base` decorated with `@register`, and import it below.
 from __future__ import annotations
 
 import difflib
+import importlib
 
 from camcli.errors import UsageError
 from camcli.methods.base import CamContext, CamMethod, CombinedMethod, InputGradientMethod, Method
@@ -50,14 +51,9 @@ def parse_methods(spec: str) -> list[Method]:
 
 
 # Registration order is the order of `all` and of `camcli methods`.
-from camcli.methods import (  # noqa: E402,F401
-    cam,
-    gradcam,
-    gradcampp,
-    guided_backprop,
-    guided_gradcam,
-    scorecam,
-)
+_MODULES = ("cam", "gradcam", "gradcampp", "scorecam", "guided_backprop", "guided_gradcam")
+for _module in _MODULES:
+    importlib.import_module(f"camcli.methods.{_module}")
 
 __all__ = [
     "CamContext",
