@@ -51,31 +51,32 @@ def output_key(path: Path, root: Path | None = None) -> str:
 def collect_inputs(args: Iterable[str], stdin_lines: Iterable[str] | None = None) -> list[InputItem]:
     """Expand files, folders (recursively, sorted) and ``-`` (paths on stdin).
 
+    Output names: a folder's images mirror their path below the folder, a file given
+    as an argument keeps its name, a path from stdin keeps its path (anchor dropped).
+
     A path that does not exist is a usage error before any work. The same file given
     twice (or a file and its folder) is explained once.
     """
     items: list[InputItem] = []
     for arg in args:
-        if arg == "-":
+        if arg == "-":  # paths from a pipeline keep their folders, so names rarely collide
             for line in stdin_lines or ():
                 line = line.strip()
                 if line:
-                    items.append(_file_item(Path(line)))
+                    items.append(_file_item(Path(line), output_key(Path(line))))
             continue
         path = Path(arg)
         if path.is_dir():
             items.extend(_folder_items(path))
-        elif path.exists():
-            items.append(_file_item(path))
-        else:
-            raise UsageError(f"no such file or folder: {arg}")
+        else:  # a file named on the command line: its outputs go to OUT/<name>
+            items.append(_file_item(path, path.name))
     return _unique(items)
 
 
-def _file_item(path: Path) -> InputItem:
+def _file_item(path: Path, key: str) -> InputItem:
     if not path.exists():
-        raise UsageError(f"no such file: {path}")
-    return InputItem(path, output_key(path))
+        raise UsageError(f"no such file or folder: {path}")
+    return InputItem(path, key)
 
 
 def _folder_items(folder: Path) -> list[InputItem]:

@@ -268,7 +268,8 @@ def _refusal(path: Path, exc: Exception) -> str:
 def apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load `state` strictly, or raise one error listing the first mismatches."""
     expected = model.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state]
+    # BatchNorm fills in num_batches_tracked itself for checkpoints older than it.
+    problems = [f"missing {k}" for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [
         f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
