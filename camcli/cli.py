@@ -99,9 +99,7 @@ def explain(
     input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
     mean: Annotated[str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
-    chunk_size: Annotated[
-        int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")
-    ] = 32,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:

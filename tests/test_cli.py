@@ -37,8 +37,18 @@ def test_explain_samples_writes_documented_files(sample_run, samples_dir, sample
     for name, label in sample_labels.items():
         record = json.loads((out / f"{name}.json").read_text())
         assert set(record) >= {
-            "schema_version", "image", "width", "height", "model", "weights", "input", "device",
-            "versions", "predictions", "explanations", "error",
+            "schema_version",
+            "image",
+            "width",
+            "height",
+            "model",
+            "weights",
+            "input",
+            "device",
+            "versions",
+            "predictions",
+            "explanations",
+            "error",
         }
         assert record["schema_version"] == 1 and record["error"] is None
         assert (record["width"], record["height"]) == (label["width"], label["height"])
@@ -181,7 +191,11 @@ def test_python_m_and_stdin_paths(tmp_path, samples_dir) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "camcli", "explain", "-", "--jsonl", "-q", "-o", str(out), "-m", "cam"],
-        input=paths, capture_output=True, text=True, env=env, timeout=120,
+        input=paths,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # -q: nothing but errors

@@ -54,9 +54,7 @@ def test_any_input_size(model: EfficientNetLite0, size: int) -> None:
     assert torch.isfinite(out).all()
 
 
-def test_parity_with_timm(
-    model: EfficientNetLite0, package_state_dict: dict[str, torch.Tensor]
-) -> None:
+def test_parity_with_timm(model: EfficientNetLite0, package_state_dict: dict[str, torch.Tensor]) -> None:
     timm = pytest.importorskip("timm")
     ref = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     ref_sd = ref.state_dict()
@@ -87,9 +85,5 @@ def test_relu6_modules_are_distinct(model: EfficientNetLite0) -> None:
     assert len({id(m) for m in acts}) == len(acts)
     assert all(not m.inplace for m in acts)
     # Each activation also appears exactly once in the named module tree.
-    named = [
-        name
-        for name, m in model.named_modules(remove_duplicate=False)
-        if isinstance(m, nn.ReLU6)
-    ]
+    named = [name for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.ReLU6)]
     assert len(named) == len(acts)

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from camcli.errors import UsageError
-from camcli.models import load_model, list_models
+from camcli.models import list_models, load_model
 
 
 class _Marker:

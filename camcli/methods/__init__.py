@@ -35,9 +35,7 @@ def get_method(name: str) -> Method:
     except KeyError:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UsageError(
-            f"unknown method {name!r}{hint}; available: {', '.join(_REGISTRY)}"
-        ) from None
+        raise UsageError(f"unknown method {name!r}{hint}; available: {', '.join(_REGISTRY)}") from None
 
 
 def parse_methods(spec: str) -> list[Method]:

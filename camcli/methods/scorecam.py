@@ -39,9 +39,7 @@ class ScoreCAM(CamMethod):
         with torch.inference_mode():
             for chunk in pairs.split(ctx.chunk_size):
                 b, c = chunk.unbind(1)
-                masks = F.interpolate(
-                    acts[b, c].unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False
-                )
+                masks = F.interpolate(acts[b, c].unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)
                 lo = masks.amin(dim=(2, 3), keepdim=True)
                 span = masks.amax(dim=(2, 3), keepdim=True) - lo
                 masks = (masks - lo) / span.clamp(min=torch.finfo(masks.dtype).tiny)
