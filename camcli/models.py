@@ -390,13 +390,14 @@ def resolve_layer(model: nn.Module, layer: str, spec: InputSpec, device: torch.d
     def is_feature_map(name: str, out: Tensor) -> bool:
         return out.ndim == 4 and out.shape[2] > 1 and out.shape[3] > 1 and not isinstance(modules[name], _POOLING)
 
-    if layer == "auto":
-        found = [r for r in records if is_feature_map(r[0], r[1])]
+    found = [r for r in records if is_feature_map(r[0], r[1])]
+    if layer == "auto" or (found and found[-1][0] == layer):
+        # the map the model pools: read it as pooled, also when named explicitly
         if not found:
             raise UsageError("found no (B, C, H, W) feature map to explain; name one with --layer")
         name, activation, version = found[-1]
         as_consumed = activation._version != version
-    else:
+    else:  # any other module: its output as it left the module
         calls = [r for r in records if r[0] == layer]
         if not calls or calls[-1][1].ndim != 4:
             shape = tuple(calls[-1][1].shape) if calls else "nothing (not called)"

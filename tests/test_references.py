@@ -2,11 +2,12 @@
 
 Every test uses a seeded random-weight torchvision model and small seeded random
 inputs. A random ResNet predicts the same class for every noise image (its pooled
-features share one large common mode), so the shared fixture re-centres the head's
-bias on the batch's mean pooled feature: logits = W (f - mean f). For a batch of two
-the two samples then get opposite logits and necessarily different top-1 classes,
-which is what makes "each sample is explained for its own target" testable. The
-model is still a GAP + linear network, so nothing else changes.
+features share one large common direction m), so `decorrelate_head` projects m out
+of the head's weights and zeroes its bias: logits = W (I - m m^T / |m|^2) f. The two
+samples of a batch then predict different classes (asserted where it matters), which
+is what makes "each sample is explained for its own target" testable, and their top
+classes keep maps with positive mass (no flat maps). The model is still a GAP +
+linear network, so CAM and everything else apply as before.
 
 References may modify the model they are given (pytorch-grad-cam swaps ReLU modules
 and leaves gradients behind, captum registers hooks), so each one gets a deep copy.
@@ -40,7 +41,8 @@ from pytorch_grad_cam import (  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 CPU = torch.device("cpu")
-ALL_METHODS = "cam,gradcam,gradcam++,scorecam,guided-backprop,guided-gradcam"
+# Score-CAM is compared on its own, at 64 px: 2 x 512 extra forwards at 96 px take seconds.
+FAST_METHODS = "cam,gradcam,gradcam++,guided-backprop,guided-gradcam"
 
 #: Measured correlations, printed at the end of the run (pytest -s / -rA) for the report.
 PEARSONS: dict[str, list[float]] = {}
@@ -50,7 +52,7 @@ PEARSONS: dict[str, list[float]] = {}
 def _report_pearsons() -> Iterator[None]:
     yield
     for key, values in PEARSONS.items():
-        print(f"\n[pearson] {key}: " + ", ".join(f"{v:.6f}" for v in values), end="")
+        print(f"\n[pearson] {key}: " + ", ".join(f"{v:.8f}" for v in values), end="")
 
 
 def pearson(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
@@ -76,8 +78,9 @@ def seeded_input(batch: int, size: int, seed: int = 1) -> Tensor:
     return torch.randn(batch, 3, size, size, generator=generator)
 
 
-def centre_head_bias(model: nn.Module, head: nn.Linear, inputs: Tensor) -> None:
-    """Set the head's bias to -W mean(f), f the pooled features of `inputs`."""
+def decorrelate_head(model: nn.Module, head: nn.Linear, inputs: Tensor, scale: float = 1.0) -> None:
+    """Project the mean pooled feature of `inputs` out of the head's weights (times
+    `scale`); zero bias."""
     features: list[Tensor] = []
     handle = head.register_forward_pre_hook(lambda _m, args: features.append(args[0].detach()))
     try:
@@ -85,8 +88,11 @@ def centre_head_bias(model: nn.Module, head: nn.Linear, inputs: Tensor) -> None:
             model(inputs)
     finally:
         handle.remove()
+    mean = features[0].mean(0)
     with torch.no_grad():
-        head.bias.copy_(-(head.weight @ features[0].mean(0)))
+        head.weight.sub_(torch.outer(head.weight @ mean, mean) / mean.dot(mean))
+        head.weight.mul_(scale)
+        head.bias.zero_()
 
 
 @dataclass
@@ -94,26 +100,34 @@ class Setup:
     model: nn.Module
     info: LayerInfo
     x: Tensor
+    top2: Tensor  # (B, 2) each sample's two best classes, from a plain forward (not camcli)
 
 
-def make_resnet18(size: int, layer: str = "auto") -> Setup:
+def make_resnet18(size: int, layer: str = "auto", scale: float = 1.0) -> Setup:
     torch.manual_seed(0)
     loaded = load_model("resnet18", "none", input_size=size)
     x = seeded_input(2, size)
-    centre_head_bias(loaded.model, loaded.model.fc, x)
+    decorrelate_head(loaded.model, loaded.model.fc, x, scale)
     info = resolve_layer(loaded.model, layer, loaded.input, CPU)
-    return Setup(loaded.model, info, x)
+    with torch.no_grad():
+        top2 = loaded.model(x).topk(2, dim=1).indices
+    assert top2[0, 0] != top2[1, 0], "the two samples must predict different classes"
+    return Setup(loaded.model, info, x, top2)
 
 
 @pytest.fixture(scope="module")
 def resnet96() -> Setup:
-    return make_resnet18(96)
+    """Head scaled x300: the channel contributions sum(A) * dy/dA reach ~70, so Grad-CAM++'s
+    alpha = 1 / (2 + sum(A) g) is far from a constant 1/2. With the random head as it
+    is, Grad-CAM++ equals mean(relu(g))-weighted Grad-CAM (Pearson 1.000), and a wrong
+    alpha would pass the comparison; at x300 that simplification has Pearson 0.90-0.97."""
+    return make_resnet18(96, scale=300.0)
 
 
 @pytest.fixture(scope="module")
 def resnet96_result(resnet96: Setup) -> BatchResult:
-    """All six methods, top-1 and top-2 of each sample, in one call."""
-    explainer = Explainer(resnet96.model, resnet96.info, parse_methods(ALL_METHODS), chunk_size=64)
+    """Every method but Score-CAM, top-1 and top-2 of each sample, in one call."""
+    explainer = Explainer(resnet96.model, resnet96.info, parse_methods(FAST_METHODS), chunk_size=64)
     return explainer.explain(resnet96.x, TargetSpec(topk=2))
 
 
@@ -125,13 +139,13 @@ def pick(result: BatchResult, method: str, rank: int = 0) -> Explanation:
 
 def test_fixture_gives_each_sample_its_own_top1(resnet96: Setup, resnet96_result: BatchResult) -> None:
     assert resnet96.info.name == "layer4"
-    top = resnet96_result.logits.topk(2, dim=1).indices
-    assert top[0, 0] != top[1, 0], "the two samples must predict different classes"
-    for method in ("cam", "gradcam", "gradcam++", "scorecam", "guided-backprop", "guided-gradcam"):
+    top = resnet96.top2
+    torch.testing.assert_close(resnet96_result.logits.topk(2, dim=1).indices, top)
+    for method in FAST_METHODS.split(","):
         for rank in (0, 1):
-            assert pick(resnet96_result, method, rank).targets.tolist() == top[:, rank].tolist()
-    # rank 1 of sample 0 differs from rank 0 of sample 1 or not, but ranks never coincide
-    assert (top[:, 0] != top[:, 1]).all()
+            explanation = pick(resnet96_result, method, rank)
+            assert explanation.targets.tolist() == top[:, rank].tolist()
+            assert not explanation.flat.any()
 
 
 # --- 1, 2: Grad-CAM and Grad-CAM++ vs pytorch-grad-cam ------------------------------------------
@@ -152,7 +166,8 @@ def test_gradient_cams_match_pytorch_grad_cam(
     resnet96: Setup, resnet96_result: BatchResult, method: str, rank: int
 ) -> None:
     explanation = pick(resnet96_result, method, rank)
-    targets = explanation.targets.tolist()
+    targets = resnet96.top2[:, rank].tolist()
+    assert explanation.targets.tolist() == targets
     assert explanation.maps.shape == (2, 3, 3)
     ours = upsample(explanation.maps, resnet96.x.shape[-2:])
     reference = reference_cam(
@@ -173,8 +188,9 @@ def test_gradcam_with_mixed_targets_uses_each_samples_own(resnet96: Setup) -> No
     explainer = Explainer(resnet96.model, resnet96.info, parse_methods("gradcam"), chunk_size=64)
     result = explainer.explain(resnet96.x, TargetSpec(topk=2))
     rank0, rank1 = pick(result, "gradcam", 0), pick(result, "gradcam", 1)
-    mixed = [int(rank0.targets[0]), int(rank1.targets[1])]
+    mixed = [int(resnet96.top2[0, 0]), int(resnet96.top2[1, 1])]
     assert mixed[0] != mixed[1]
+    assert [int(rank0.targets[0]), int(rank1.targets[1])] == mixed
     ours = upsample(torch.stack([rank0.maps[0], rank1.maps[1]]), resnet96.x.shape[-2:])
     right = reference_cam(GradCAM, resnet96.model, "layer4", resnet96.x, [ClassifierOutputTarget(c) for c in mixed])
     wrong = reference_cam(
@@ -221,8 +237,8 @@ def check_scorecam(size: int, layer: str, threshold: float) -> None:
     setup = make_resnet18(size, layer)
     explainer = Explainer(setup.model, setup.info, parse_methods("scorecam"), chunk_size=128)
     explanation = pick(explainer.explain(setup.x, TargetSpec()), "scorecam")
-    targets = explanation.targets.tolist()
-    assert targets[0] != targets[1]
+    targets = setup.top2[:, 0].tolist()
+    assert explanation.targets.tolist() == targets
     ours = upsample(explanation.maps, setup.x.shape[-2:])
     model = copy.deepcopy(setup.model)
     with ScoreCAM(model, target_layers=[dict(model.named_modules())[layer]]) as cam:
@@ -237,6 +253,7 @@ def test_scorecam_matches_pytorch_grad_cam_layer3() -> None:
     check_scorecam(64, "layer3", 0.999)
 
 
+@pytest.mark.slow
 def test_scorecam_matches_pytorch_grad_cam_layer4() -> None:
     check_scorecam(64, "layer4", 0.999)
 
@@ -249,10 +266,11 @@ def test_guided_backprop_matches_pytorch_grad_cam(resnet96: Setup, resnet96_resu
     for rank in (0, 1):
         explanation = pick(resnet96_result, "guided-backprop", rank)
         assert explanation.maps.shape == (2, 3, 96, 96)
+        assert explanation.targets.tolist() == resnet96.top2[:, rank].tolist()
         for i in range(2):
             model = copy.deepcopy(resnet96.model)
             reference = GuidedBackpropReLUModel(model, device="cpu")(
-                resnet96.x[i : i + 1].clone(), target_category=int(explanation.targets[i])
+                resnet96.x[i : i + 1].clone(), target_category=int(resnet96.top2[i, rank])
             )
             assert reference.shape == (96, 96, 3)
             ours = explanation.maps[i].permute(1, 2, 0)
@@ -264,7 +282,8 @@ def test_guided_backprop_matches_captum(resnet96: Setup, resnet96_result: BatchR
     for rank in (0, 1):
         explanation = pick(resnet96_result, "guided-backprop", rank)
         model = copy.deepcopy(resnet96.model)
-        reference = captum_attr.GuidedBackprop(model).attribute(resnet96.x.clone(), target=explanation.targets)
+        target = resnet96.top2[:, rank]
+        reference = captum_attr.GuidedBackprop(model).attribute(resnet96.x.clone(), target=target)
         assert reference.shape == explanation.maps.shape
         for i in range(2):
             value = pearson(explanation.maps[i], reference[i].detach())
@@ -299,7 +318,7 @@ def test_densenet_cam_equals_gradcam() -> None:
     loaded = load_model("densenet121", "none", input_size=64)
     model = loaded.model
     x = seeded_input(2, 64)
-    centre_head_bias(model, model.classifier, x)
+    decorrelate_head(model, model.classifier, x)
     info = resolve_layer(model, "auto", loaded.input, CPU)
     assert info.name == "features" and info.as_consumed and info.head == "classifier"
     explainer = Explainer(model, info, parse_methods("cam,gradcam"), chunk_size=64)
