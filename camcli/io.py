@@ -22,6 +22,10 @@ import numpy as np
 
 from camcli.errors import ImageError, UsageError
 
+# Decoder warnings ("PNG input buffer is incomplete") would bypass camcli's one-line
+# errors; camcli reports undecodable files itself.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
