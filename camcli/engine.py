@@ -208,7 +208,9 @@ class Explainer:
         self.layer = layer
         self.methods = list(methods)
         self.chunk_size = chunk_size
-        self.module = dict(model.named_modules())[layer.name]
+        modules = dict(model.named_modules())
+        self.module = modules[layer.name]
+        self._head = modules[layer.head] if layer.head is not None else None
         wanted = {m.name: m for m in self.methods}
         for method in self.methods:
             if isinstance(method, CombinedMethod):
@@ -278,7 +280,7 @@ class Explainer:
                 targets=rank_targets,
                 logits=logits.detach(),
                 inputs=inputs,
-                head_weight=self._head_weight(),
+                head_weight=None if self._head is None else self._head.weight.detach(),
                 forward=self.model,
                 chunk_size=self.chunk_size,
             )
@@ -312,11 +314,6 @@ class Explainer:
                 method.name, rank, None, rank_targets, gradient, _gradient_flat(gradient)
             )
         return logits.detach(), targets
-
-    def _head_weight(self) -> Tensor | None:
-        if self.layer.head is None:
-            return None
-        return dict(self.model.named_modules())[self.layer.head].weight.detach()
 
 
 def _gradient_flat(gradient: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _UNSUPPORTED = ("vit_", "swin_", "maxvit")  # transformers: no spatial conv feature map yet
-_POOLING = (
+POOLING_MODULES = (  # never a target layer: they pool features, they are not features
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
     nn.AvgPool2d,
@@ -388,7 +388,9 @@ def resolve_layer(model: nn.Module, layer: str, spec: InputSpec, device: torch.d
         raise UsageError("the model must return a (batch, classes) tensor of logits")
 
     def is_feature_map(name: str, out: Tensor) -> bool:
-        return out.ndim == 4 and out.shape[2] > 1 and out.shape[3] > 1 and not isinstance(modules[name], _POOLING)
+        return (
+            out.ndim == 4 and out.shape[2] > 1 and out.shape[3] > 1 and not isinstance(modules[name], POOLING_MODULES)
+        )
 
     found = [r for r in records if is_feature_map(r[0], r[1])]
     if layer == "auto" or (found and found[-1][0] == layer):

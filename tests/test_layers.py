@@ -13,18 +13,19 @@ from torch import Tensor, nn
 from camcli.engine import Explainer, TargetSpec, capture
 from camcli.errors import MethodNotApplicable, UsageError
 from camcli.methods import parse_methods
-from camcli.models import IMAGENET_MEAN, IMAGENET_STD, InputSpec, LayerInfo, LoadedModel, load_model, resolve_layer
+from camcli.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    POOLING_MODULES,
+    InputSpec,
+    LayerInfo,
+    LoadedModel,
+    load_model,
+    resolve_layer,
+)
 
 CPU = torch.device("cpu")
 SIZE = 64
-POOLING = (
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.AvgPool2d,
-    nn.MaxPool2d,
-    nn.LPPool2d,
-    nn.FractionalMaxPool2d,
-)
 
 MODELS = [
     "efficientnet_lite0",
@@ -92,7 +93,7 @@ def test_auto_layer(name: str) -> None:
     model = loaded(name).model
     info = auto_layer(name)
     assert info.name == AUTO_LAYER[name]
-    assert not isinstance(dict(model.named_modules())[info.name], POOLING)
+    assert not isinstance(dict(model.named_modules())[info.name], POOLING_MODULES)
     assert info.as_consumed == (name == "densenet121")
     assert info.num_classes == 1000
     assert info.spatial == (2, 2)  # 64 px / stride 32
