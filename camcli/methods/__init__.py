@@ -44,7 +44,9 @@ def parse_methods(spec: str) -> list[Method]:
     if not names:
         raise UsageError("no method given")
     if "all" in names:
-        names = list_methods()
+        at = names.index("all")
+        every = [name for name, cls in _REGISTRY.items() if cls.in_all]
+        names = names[:at] + every + names[at + 1 :]
     return [get_method(name) for name in dict.fromkeys(names)]
 
 

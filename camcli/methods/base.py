@@ -40,6 +40,7 @@ class Method:
     cost: ClassVar[str]  # relative cost, for `camcli methods`
     needs_gradient: ClassVar[bool] = False
     needs_linear_head: ClassVar[bool] = False
+    in_all: ClassVar[bool] = True  # False: a baseline or tool that `-m all` leaves out unless named
 
 
 class CamMethod(Method):
