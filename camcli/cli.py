@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from camcli import __version__
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
-from camcli.io import check_writable, collect_inputs
+from camcli.io import OVERLAY_FORMATS, check_writable, collect_inputs
 from camcli.methods import parse_methods
 from camcli.models import DEFAULT_MODEL, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
@@ -90,6 +90,9 @@ def explain(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("camcli-out"),
     colormap: Annotated[str, typer.Option("--colormap", help=f"One of {', '.join(COLORMAPS)}.")] = "jet",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
+    overlay_format: Annotated[
+        str, typer.Option("--overlay-format", help=f"Overlay file format: {', '.join(OVERLAY_FORMATS)}.")
+    ] = "png",
     save_heatmap: Annotated[
         bool, typer.Option("--save-heatmap", help="Also write float32 .npy maps at the image's size.")
     ] = False,
@@ -120,6 +123,8 @@ def explain(
 def _explain(**opts: Any) -> int:
     if opts["colormap"] not in COLORMAPS:
         raise UsageError(f"unknown colormap {opts['colormap']!r}; use one of {', '.join(COLORMAPS)}")
+    if opts["overlay_format"] not in OVERLAY_FORMATS:
+        raise UsageError(f"unknown overlay format {opts['overlay_format']!r}; use one of {', '.join(OVERLAY_FORMATS)}")
     if opts["target"] is not None and opts["topk"] is not None:
         raise UsageError("--target and --topk exclude each other")
     methods = parse_methods(opts["method"])
@@ -150,6 +155,7 @@ def _explain(**opts: Any) -> int:
         "topk": opts["topk"] or 1,
         "input": loaded.input.to_json(),
         "heatmap": opts["save_heatmap"],
+        "overlay_format": opts["overlay_format"],
     }
     options = RunOptions(
         out_dir=opts["out"],
@@ -158,6 +164,7 @@ def _explain(**opts: Any) -> int:
         alpha=opts["alpha"],
         save_heatmap=opts["save_heatmap"],
         overwrite=opts["overwrite"],
+        overlay_format=opts["overlay_format"],
         workers=opts["workers"],
     )
     run = ExplainRun(loaded, explainer, target, device, options, request)
