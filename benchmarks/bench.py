@@ -99,18 +99,18 @@ def gradient_methods(rounds: int) -> None:
         layer = resolve_layer(plain, "auto", loaded.input, CPU)
         x = torch.randn(BATCH, 3, SIZE, SIZE)
 
-        def forward(model: torch.nn.Module = plain) -> None:
+        def forward(model: torch.nn.Module = plain, x: torch.Tensor = x) -> None:
             with torch.inference_mode():
                 model(x)
 
         contenders: dict[str, Callable[[], object]] = {"forward (inference_mode)": forward}
         for spec in sets:
             explainer = Explainer(copy.deepcopy(plain), layer, parse_methods(spec))
-            contenders[spec] = lambda e=explainer: e.explain(x, TargetSpec())
+            contenders[spec] = lambda e=explainer, x=x: e.explain(x, TargetSpec())
         if pytorch_grad_cam is not None:
             anchor_model = copy.deepcopy(plain)
             anchor = pytorch_grad_cam.GradCAM(anchor_model, [dict(anchor_model.named_modules())[layer.name]])
-            contenders["pytorch-grad-cam GradCAM"] = lambda: anchor(input_tensor=x, targets=None)
+            contenders["pytorch-grad-cam GradCAM"] = lambda a=anchor, x=x: a(input_tensor=x, targets=None)
         times = best_times(contenders, rounds)
         base = times["forward (inference_mode)"]
         print(f"### {name} (layer {layer.name})\n")
