@@ -184,7 +184,32 @@ class _RectifierMode(TorchFunctionMode):
             raise _not_rectifier(self.method, f"hardtanh({lo}, {hi})")
         if func in _NON_RECTIFIER_FUNCTIONS:
             raise _not_rectifier(self.method, func.__name__)
+        if func is F.batch_norm:
+            return _batch_norm_as_affine(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _batch_norm_as_affine(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Eval-mode batch norm as x * scale + shift (equal up to float rounding): its backward
+    is one multiply, where aten's batch-norm backward costs 2.5x its forward on the CPU."""
+    if training or running_mean is None or running_var is None or x.ndim != 4:
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    scale = (running_var + eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight
+    shift = -running_mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return torch.addcmul(shift[:, None, None], x, scale[:, None, None])
 
 
 def _not_rectifier(method: str, activation: str) -> MethodNotApplicable:
