@@ -53,16 +53,21 @@ SIZE = 224
 
 try:
     import pytorch_grad_cam
-except ImportError:  # the optional anchor
+except ImportError:  # the optional anchors
     pytorch_grad_cam = None
+try:
+    import torchcam.methods as torchcam_methods
+except ImportError:
+    torchcam_methods = None
 
 
-def anchor_version() -> str:
-    if pytorch_grad_cam is None:
+def anchor_version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
         return "not installed"
-    from importlib.metadata import version
-
-    return version("grad-cam")
 
 
 def best_times(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -111,6 +116,15 @@ def gradient_methods(rounds: int) -> None:
             anchor_model = copy.deepcopy(plain)
             anchor = pytorch_grad_cam.GradCAM(anchor_model, [dict(anchor_model.named_modules())[layer.name]])
             contenders["pytorch-grad-cam GradCAM"] = lambda a=anchor, x=x: a(input_tensor=x, targets=None)
+        if torchcam_methods is not None:
+            torchcam_model = copy.deepcopy(plain)
+            extractor = torchcam_methods.GradCAM(torchcam_model, target_layer=layer.name)  # hooks stay on
+
+            def torchcam_gradcam(net: torch.nn.Module = torchcam_model, x: torch.Tensor = x, cam=extractor) -> None:
+                scores = net(x)
+                cam(scores.argmax(1).tolist(), scores)
+
+            contenders["torchcam GradCAM"] = torchcam_gradcam
         times = best_times(contenders, rounds)
         base = times["forward (inference_mode)"]
         print(f"### {name} (layer {layer.name})\n")
