@@ -87,8 +87,13 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel())[0, 1])
 
 
-def row(*cells: object, widths: tuple[int, ...] = (34, 12, 12, 30)) -> str:
-    return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
+def row(*cells: object) -> str:
+    """A Markdown table row, so that the output pastes into benchmarks/RESULTS.md as it is."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def header(*cells: str) -> str:
+    return row(*cells) + "\n" + row(*("---" for _ in cells))
 
 
 # --- 1 ----------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def gradient_methods(rounds: int) -> None:
         times = best_times(contenders, rounds)
         base = times["forward (inference_mode)"]
         print(f"### {name} (layer {layer.name})\n")
-        print(row("contender", "ms/batch", "x forward"))
+        print(header("contender", "ms/batch", "x forward"))
         for label, seconds in times.items():
             print(row(label, f"{seconds * 1e3:.0f}", f"{seconds / base:.2f}"))
         all3, gradcam = times["cam,gradcam,gradcam++"], times["gradcam"]
@@ -193,7 +198,7 @@ def scorecam(rounds: int, images: int) -> None:
     limit = (1 + k_mean) * one_forward
     print(f"images: {', '.join(p.name for p in paths)}; non-constant channels K: {live.tolist()} of {flat.shape[1]}")
     print(f"one forward at the best batch ({best_key}): {one_forward * 1e3:.1f} ms per input")
-    print(row("contender", "s/image", "x limit"))
+    print(header("contender", "s/image", "x limit"))
     print(row("limit (1 + K) forwards", f"{limit:.2f}", "1.00"))
     print(row("camcli scorecam", f"{ours_time:.2f}", f"{ours_time / limit:.2f}"))
     if pytorch_grad_cam is None:
@@ -248,7 +253,7 @@ ANCHOR_LOOP = textwrap.dedent(
         batch = paths[start:start + 8]
         images = [np.float32(cv2.imread(str(p))[:, :, ::-1]) / 255 for p in batch]
         x = torch.cat([preprocess_image(cv2.resize(im, (224, 224)), mean, std) for im in images])
-        maps = cam(input_tensor=x)
+        maps = cam(input_tensor=x, targets=None)
         for path, image, heat in zip(batch, images, maps):
             heat = cv2.resize(heat, (image.shape[1], image.shape[0]))
             overlay = show_cam_on_image(image, heat, use_rgb=True)
@@ -324,7 +329,7 @@ def folder_end_to_end(rounds: int, small: int, large: int) -> None:
                 loaded.model.eval()(x)
 
         forward_per_image = best_times({"f": forward}, 5)["f"] / BATCH
-        print(row("contender", "ms/image", "x forward", "x camcli"))
+        print(header("contender", "ms/image", "x forward", "x camcli"))
         print(row("forward only (batch 8)", f"{forward_per_image * 1e3:.0f}", "1.00"))
         ours = per_image["camcli explain -m gradcam"]
         for label, seconds in per_image.items():
@@ -348,7 +353,7 @@ def peak_memory(small: int, large: int) -> None:
             command[1:3] = ["-c", PEAK_RSS]
             done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             peaks[count] = int(done.stderr.strip().splitlines()[-1]) / 1024
-        print(row("images", "peak MiB"))
+        print(header("images", "peak MiB"))
         for count, mib in peaks.items():
             print(row(count, f"{mib:.0f}"))
         print(f"\n{large} / {small}: {peaks[large] / peaks[small]:.3f}")
@@ -367,7 +372,7 @@ def main() -> None:
     print(
         f"date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"grad-cam {anchor_version()}"
+        f"grad-cam {anchor_version('grad-cam')}, torchcam {anchor_version('torchcam')}"
     )
     print(f"command: python benchmarks/bench.py {' '.join(sys.argv[1:])}".rstrip())
     if 1 in sections:
