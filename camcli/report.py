@@ -463,7 +463,7 @@ main { padding: 0 16px 24px; }
 .preds .score { font-variant-numeric: tabular-nums; color: var(--muted); white-space: nowrap; }
 .expected { margin-top: 6px; font-size: 13px; }
 .expected.bad { color: var(--bad); font-weight: 600; } .expected.good { color: var(--good); }
-.error { color: var(--bad); white-space: pre-wrap; overflow-wrap: anywhere; }
+.error-text { color: var(--bad); white-space: pre-wrap; overflow-wrap: anywhere; }
 .warnings { color: var(--warn); margin: 4px 0 0; padding-left: 18px; }
 .overlays { display: flex; flex-wrap: wrap; gap: 10px; align-content: flex-start; }
 figure { margin: 0; width: 160px; }
@@ -478,7 +478,10 @@ const DATA = JSON.parse(document.getElementById("camcli-data").textContent);
 const ROWS = DATA.rows;
 ROWS.forEach((row, i) => { row.order = i; });
 const PAGE_SIZE = 50;
-const state = { sort: "name", cls: "", issues: "all", expected: "all", query: "", page: 0 };
+/* The view lives in the URL's #fragment (#sort=score-desc&issues=any&page=2), so a filtered
+   view can be bookmarked or shared. Keys are the ids of the controls. */
+const DEFAULTS = { sort: "name", class: "", issues: "all", expected: "all", query: "", page: 0 };
+const state = { ...DEFAULTS };
 const $ = (id) => document.getElementById(id);
 
 /* Every value reaches the page as a text node or an attribute, never as HTML. */
@@ -525,7 +528,7 @@ function rowNode(row) {
     const tone = row.mismatch === true ? "bad" : row.mismatch === false ? "good" : "";
     middle.append(el("div", { class: "expected " + tone }, "expected: " + row.expected));
   }
-  if (row.error !== null) middle.append(el("div", { class: "error" }, row.error));
+  if (row.error !== null) middle.append(el("div", { class: "error-text" }, row.error));
   if (row.warnings.length) middle.append(el("ul", { class: "warnings" }, ...row.warnings.map((w) => el("li", {}, w))));
 
   const overlays = el("div", { class: "overlays" });
@@ -542,7 +545,7 @@ function rowNode(row) {
 }
 
 function keep(row) {
-  if (state.cls && row.top !== state.cls) return false;
+  if (state.class && row.top !== state.class) return false;
   const error = row.error !== null;
   const warning = row.warnings.length > 0;
   if (state.issues === "any" && !error && !warning) return false;
@@ -552,7 +555,7 @@ function keep(row) {
   if (state.expected === "mismatch" && row.mismatch !== true) return false;
   if (state.expected === "match" && row.mismatch !== false) return false;
   if (state.expected === "unlabelled" && row.expected !== null) return false;
-  if (state.query && !row.key.toLowerCase().includes(state.query)) return false;
+  if (state.query && !row.key.toLowerCase().includes(state.query.toLowerCase())) return false;
   return true;
 }
 
@@ -581,6 +584,27 @@ function render() {
   $("next").disabled = state.page >= pages - 1;
 }
 
+const CONTROLS = ["sort", "class", "issues", "expected", "query"];
+
+function readHash() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  for (const key of CONTROLS) {
+    $(key).value = params.get(key) ?? DEFAULTS[key];
+    if ($(key).value === "" && key !== "class" && key !== "query") $(key).value = DEFAULTS[key];  /* unknown option */
+    state[key] = $(key).value;
+  }
+  state.page = Math.max(0, (parseInt(params.get("page"), 10) || 1) - 1);
+}
+
+function update() {
+  render();
+  const params = new URLSearchParams();
+  for (const key of CONTROLS) if (state[key] !== DEFAULTS[key]) params.set(key, state[key]);
+  if (state.page) params.set("page", state.page + 1);
+  const hash = params.toString();
+  history.replaceState(null, "", hash ? "#" + hash : location.pathname + location.search);
+}
+
 function setup() {
   const counts = new Map();
   for (const row of ROWS) if (row.top !== null) counts.set(row.top, (counts.get(row.top) || 0) + 1);
@@ -594,15 +618,11 @@ function setup() {
     totals += ", " + ROWS.filter((r) => r.mismatch === true).length + " whose top-1 is not the expected class";
   }
   $("totals").textContent = totals + " \\u00b7 camcli " + DATA.camcli;
-  const bind = (id, key, value) => $(id).addEventListener("input", () => {
-    state[key] = value($(id)); state.page = 0; render();
-  });
-  bind("sort", "sort", (e) => e.value);
-  bind("class", "cls", (e) => e.value);
-  bind("issues", "issues", (e) => e.value);
-  bind("expected", "expected", (e) => e.value);
-  bind("query", "query", (e) => e.value.trim().toLowerCase());
-  const turn = (step) => { state.page += step; render(); window.scrollTo(0, 0); };
+  readHash();
+  for (const key of CONTROLS) {
+    $(key).addEventListener("input", () => { state[key] = $(key).value; state.page = 0; update(); });
+  }
+  const turn = (step) => { state.page += step; update(); window.scrollTo(0, 0); };
   $("prev").addEventListener("click", () => turn(-1));
   $("next").addEventListener("click", () => turn(1));
   document.addEventListener("keydown", (event) => {
@@ -610,6 +630,7 @@ function setup() {
     if (event.key === "ArrowLeft" && !$("prev").disabled) turn(-1);
     if (event.key === "ArrowRight" && !$("next").disabled) turn(1);
   });
+  window.addEventListener("hashchange", () => { readHash(); render(); });
   render();
 }
 setup();
