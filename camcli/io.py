@@ -144,9 +144,9 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def encode_image(rgb: np.ndarray, suffix: str = ".png") -> bytes:
-    """PNG (fast compression level 1) or JPEG bytes of an RGB uint8 image."""
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if suffix == ".png" else [cv2.IMWRITE_JPEG_QUALITY, 92]
+def encode_image(rgb: np.ndarray, suffix: str = ".png", quality: int = 92) -> bytes:
+    """PNG (fast compression level 1) or JPEG (of `quality`) bytes of an RGB uint8 image."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if suffix == ".png" else [cv2.IMWRITE_JPEG_QUALITY, quality]
     ok, buffer = cv2.imencode(suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise OSError(f"could not encode {suffix}")

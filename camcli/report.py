@@ -35,6 +35,7 @@ from camcli.io import atomic_write, decode_image, encode_image, read_json
 REPORT_NAME = "index.html"
 THUMB_DIR = ".thumbs"  # OUT/.thumbs/images/<key>.jpg and OUT/.thumbs/overlays/<overlay>.jpg
 THUMB_SIDE = 200  # pixels, longest side: sharp at the page's 160 x 120 boxes
+THUMB_QUALITY = 80  # JPEG: about 5-10 KB a thumbnail
 
 
 @dataclass
@@ -175,8 +176,10 @@ def _find_records(out_dir: Path, problem: Callable[[str], None]) -> list[tuple[s
             if record is None:
                 problem(f"{path}: cannot read this JSON; left out of the report")
                 continue
-            if "schema_version" not in record or "explanations" not in record or "image" not in record:
+            if "schema_version" not in record or not isinstance(record.get("explanations"), list):
                 continue  # not written by camcli explain (a labels file, a summary, ...)
+            if not isinstance(record.get("predictions"), list):
+                continue
             key = path.relative_to(out_dir).as_posix()[: -len(".json")]
             found.append((key, record))
     return found
@@ -345,7 +348,7 @@ def _thumbnail(source: Path, thumb: Path) -> bool:
     if scale < 1.0:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    atomic_write(thumb, encode_image(image, ".jpg"))
+    atomic_write(thumb, encode_image(image, ".jpg", THUMB_QUALITY))
     return True
 
 
