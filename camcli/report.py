@@ -395,24 +395,24 @@ _PAGE = """<!DOCTYPE html>
   <h1>@TITLE@</h1>
   <p id="totals"></p>
   <div id="controls">
-    <label>Sort <select id="sort">
+    <label title="by top-1 score">Sort <select id="sort">
       <option value="name">name</option>
-      <option value="score-desc">top-1 score, high first</option>
-      <option value="score-asc">top-1 score, low first</option>
+      <option value="score-desc">score, high first</option>
+      <option value="score-asc">score, low first</option>
       <option value="class">predicted class</option>
     </select></label>
     <label>Predicted class <select id="class"><option value="">all</option></select></label>
     <label>Errors/warnings <select id="issues">
       <option value="all">all images</option>
-      <option value="any">with an error or warning</option>
-      <option value="error">with an error</option>
-      <option value="warning">with a warning</option>
-      <option value="none">without either</option>
+      <option value="any">error or warning</option>
+      <option value="error">errors</option>
+      <option value="warning">warnings</option>
+      <option value="none">neither</option>
     </select></label>
     <label id="expected-filter" hidden>Expected <select id="expected">
       <option value="all">all images</option>
-      <option value="mismatch">top-1 is not the expected class</option>
-      <option value="match">top-1 is the expected class</option>
+      <option value="mismatch">top-1 &ne; expected</option>
+      <option value="match">top-1 = expected</option>
       <option value="unlabelled">no expected class</option>
     </select></label>
     <label>Name <input id="query" type="search" placeholder="filter by name"></label>
@@ -440,6 +440,7 @@ h1 { font-size: 17px; margin: 0 0 2px; }
 #controls { display: flex; flex-wrap: wrap; gap: 6px 14px; margin-bottom: 6px; }
 label { color: var(--muted); }
 select, input, button { font: inherit; }
+select { max-width: 15em; }
 nav { display: flex; gap: 8px; align-items: center; }
 #count { color: var(--muted); }
 main { padding: 0 16px 24px; }
@@ -451,7 +452,7 @@ main { padding: 0 16px 24px; }
          border-radius: 3px; }
 .missing { display: flex; align-items: center; justify-content: center; color: #c9ced6; font-size: 12px;
            text-align: center; padding: 4px; }
-.name { margin-top: 4px; font-weight: 600; overflow-wrap: anywhere; }
+.name { margin-top: 4px; font-size: 13px; font-weight: 600; overflow-wrap: anywhere; }
 .model { color: var(--muted); font-size: 12px; overflow-wrap: anywhere; }
 .badges { display: flex; flex-wrap: wrap; gap: 4px; margin-top: 4px; }
 .badge { font-size: 11px; padding: 1px 6px; border-radius: 8px; color: #fff; }
