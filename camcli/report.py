@@ -13,6 +13,7 @@ the page's own script, by hash.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import html
 import json
@@ -147,7 +148,7 @@ def write_report(
     used_labels: set[str] = set()
     if expected is not None:
         for plan in plans:
-            _mark_expected(plan, expected, used_labels)
+            _mark_expected(plan.row, expected, used_labels)
         summary.unmatched_labels = len(set(expected) - used_labels)
     summary.images = len(rows)
     summary.failed = sum(row["error"] is not None for row in rows)
@@ -203,6 +204,10 @@ def _score(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def _index(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -210,9 +215,8 @@ def _text(value: Any) -> str | None:
 class _RowPlan:
     """One row of the page and the thumbnails it needs."""
 
-    def __init__(self, row: dict[str, Any], record: dict[str, Any]) -> None:
+    def __init__(self, row: dict[str, Any]) -> None:
         self.row = row
-        self.record = record
         self.thumbnails: list[tuple[Path, Path]] = []  # (source, thumbnail)
         self._slots: dict[Path, dict[str, Any]] = {}  # thumbnail -> the dict whose "thumb" it is
 
@@ -237,7 +241,7 @@ class _RowPlan:
 def _plan_row(out_dir: Path, key: str, record: dict[str, Any]) -> _RowPlan:
     folder = PurePosixPath(key).parent
     predictions = [
-        {"label": _text(p.get("label")), "index": p.get("index"), "score": _score(p.get("score"))}
+        {"label": _text(p.get("label")), "index": _index(p.get("index")), "score": _score(p.get("score"))}
         for p in record.get("predictions") or []
         if isinstance(p, dict)
     ]
@@ -257,10 +261,11 @@ def _plan_row(out_dir: Path, key: str, record: dict[str, Any]) -> _RowPlan:
         "expected": None,
         "mismatch": None,
     }
-    plan = _RowPlan(row, record)
+    plan = _RowPlan(row)
     source = Path(image)
     if source.is_file():  # recorded relative to the run's working folder, or absolute
-        row["src"] = url(os.path.relpath(source.absolute(), out_dir.absolute()))
+        with contextlib.suppress(ValueError):  # Windows: on another drive, no relative link
+            row["src"] = url(os.path.relpath(source.absolute(), out_dir.absolute()))
         if row["error"] is None:
             plan.add_thumbnail(source, out_dir / THUMB_DIR / "images" / f"{key}.jpg", out_dir, row)
     for e in record.get("explanations") or []:
@@ -270,7 +275,7 @@ def _plan_row(out_dir: Path, key: str, record: dict[str, Any]) -> _RowPlan:
         item = {
             "method": _text(e.get("method")),
             "label": _text(target.get("label")),
-            "index": target.get("index"),
+            "index": _index(target.get("index")),
             "score": _score(target.get("score")),
             "overlay": None,
             "thumb": None,
@@ -290,9 +295,8 @@ def _plan_row(out_dir: Path, key: str, record: dict[str, Any]) -> _RowPlan:
     return plan
 
 
-def _mark_expected(plan: _RowPlan, expected: dict[str, Expected], used: set[str]) -> None:
+def _mark_expected(row: dict[str, Any], expected: dict[str, Expected], used: set[str]) -> None:
     """Find the image's expected class by its path in OUT, its recorded path or its name."""
-    row = plan.row
     for name in (row["key"], row["image"], PurePosixPath(row["key"]).name):
         if name in expected:
             used.add(name)
