@@ -20,6 +20,7 @@ from camcli.methods import parse_methods
 from camcli.models import DEFAULT_MODEL, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
+from camcli.report import write_report
 
 app = typer.Typer(
     help="See where a CNN image classifier looks: heatmap overlays and JSON for images and folders.",
@@ -104,6 +105,7 @@ def explain(
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
+    report: Annotated[bool, typer.Option("--report", help="Then write OUT/index.html (`camcli report`).")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
@@ -194,7 +196,64 @@ def _explain(**opts: Any) -> int:
             f"{summary.failed} failed -> {opts['out']}",
             markup=False,
         )
-    return ExitCode.IMAGE_FAILED if summary.failed else ExitCode.OK
+    report_ok = _write_report(opts["out"], None, opts["quiet"]) if opts["report"] else True
+    return ExitCode.IMAGE_FAILED if summary.failed or not report_ok else ExitCode.OK
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="An output folder of `camcli explain`.")],
+    labels_expected: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels-expected", help="JSON {image: expected class name or index}; marks images whose top-1 differs."
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Write OUT/index.html: every image's thumbnail, top-5 and overlays on one static page."""
+    try:
+        ok = _write_report(out, labels_expected, quiet)
+    except CamcliError as exc:
+        if debug:
+            raise
+        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("camcli: interrupted", markup=False)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    typer.echo(out / "index.html")
+    raise typer.Exit(ExitCode.OK if ok else ExitCode.IMAGE_FAILED)
+
+
+def _write_report(out: Path, labels_expected: Path | None, quiet: bool) -> bool:
+    """Write the report with a progress bar over the thumbnails; False if a file was unusable."""
+    show_progress = stderr.is_terminal and not quiet and not os.environ.get("CI")
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=stderr,
+        disable=not show_progress,
+    ) as progress:
+        task = progress.add_task("thumbnails", total=None)
+        summary = write_report(
+            out,
+            labels_expected,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            report_problem=lambda message: stderr.print(f"camcli: {message}", markup=False, soft_wrap=True),
+        )
+    if not quiet:
+        mismatched = f", {summary.mismatched} not the expected class" if labels_expected is not None else ""
+        unmatched = f" ({summary.unmatched_labels} expected labels named no image)" if summary.unmatched_labels else ""
+        stderr.print(
+            f"camcli: report of {summary.images} images ({summary.failed} failed, {summary.warned} with warnings"
+            f"{mismatched}){unmatched} -> {summary.path}",
+            markup=False,
+            soft_wrap=True,
+        )
+    return not summary.problems
 
 
 def main() -> None:

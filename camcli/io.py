@@ -152,9 +152,12 @@ OVERLAY_FORMATS = {
 }
 
 
-def encode_image(rgb: np.ndarray, fmt: str = "png") -> bytes:
-    """PNG, JPEG or WebP bytes (see OVERLAY_FORMATS) of an RGB uint8 image."""
-    ok, buffer = cv2.imencode(f".{fmt}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), OVERLAY_FORMATS[fmt])
+def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int | None = None) -> bytes:
+    """PNG, JPEG or WebP bytes (see OVERLAY_FORMATS) of an RGB uint8 image; `quality`
+    overrides the JPEG/WebP default (thumbnails)."""
+    flag, value = OVERLAY_FORMATS[fmt]
+    params = [flag, value if quality is None or fmt == "png" else quality]
+    ok, buffer = cv2.imencode(f".{fmt}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise OSError(f"could not encode {fmt}")
     return buffer.tobytes()
