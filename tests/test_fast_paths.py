@@ -75,3 +75,30 @@ def test_overlay_format(tmp_path, samples_dir, fmt: str) -> None:
     assert picture.shape == (400, 600, 3)
     expected = {"png": b"\x89PNG", "jpg": b"\xff\xd8\xff", "webp": b"RIFF"}[fmt]
     assert (tmp_path / written[0]).read_bytes().startswith(expected)
+
+
+def test_scorecam_top_scores_only_the_strongest_channels() -> None:
+    """--scorecam-top N: N >= K gives the exact map; N = 1 gives the one channel with the
+    largest mean activation, weighted by its own masked score (a map proportional to it)."""
+    from camcli.methods.scorecam import ScoreCAM
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    spec = InputSpec(size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    info = resolve_layer(model, "layer2", spec, CPU)  # 128 channels at 4x4
+    x = torch.randn(2, 3, 32, 32)
+
+    def maps(top: int | None) -> torch.Tensor:
+        explainer = Explainer(copy.deepcopy(model), info, [ScoreCAM(scorecam_top=top)], chunk_size=256)
+        return explainer.explain(x, TargetSpec()).explanations[0].maps
+
+    torch.testing.assert_close(maps(128), maps(None))
+    acts = {}
+    handle = dict(model.named_modules())["layer2"].register_forward_hook(lambda _m, _i, o: acts.setdefault("a", o))
+    with torch.inference_mode():
+        model(x)
+    handle.remove()
+    strongest = acts["a"].mean((2, 3)).argmax(1)
+    expected = acts["a"][torch.arange(2), strongest]
+    lo, hi = expected.amin((1, 2), keepdim=True), expected.amax((1, 2), keepdim=True)
+    torch.testing.assert_close(maps(1), (expected - lo) / (hi - lo), atol=1e-5, rtol=0)

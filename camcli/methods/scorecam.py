@@ -7,6 +7,10 @@ masked input: w_k = softmax(f(X * H_k))_c (eq. 3-5). Channels whose activation i
 constant have no defined mask and get weight 0 (the official code skips them).
 All (sample, channel) pairs of a batch are flattened and run in chunks without
 autograd.
+
+`--scorecam-top N` is an opt-in approximation, never the default: only the N
+non-constant channels with the largest mean activation of each image are scored
+(the others get weight 0), so an image costs 1 + N forwards instead of 1 + K.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ class ScoreCAM(CamMethod):
     url = "https://arxiv.org/abs/1910.01279"
     needs = "K forwards (K = non-constant channels)"
     cost = "1 + K forwards"
+    settings = ("scorecam_top",)
+
+    def __init__(self, scorecam_top: int | None = None) -> None:
+        self.top = scorecam_top
 
     def weights(self, ctx: CamContext) -> Tensor:
         acts = ctx.activations
@@ -34,6 +42,10 @@ class ScoreCAM(CamMethod):
         size = ctx.inputs.shape[-2:]
         flat = acts.flatten(2)
         live = flat.amax(-1) > flat.amin(-1)  # (B, C) non-constant channels
+        if self.top is not None and self.top < channels:
+            strength = flat.mean(-1).masked_fill(~live, -torch.inf)
+            chosen = torch.zeros_like(live).scatter_(1, strength.topk(self.top, dim=1).indices, True)
+            live &= chosen
         weights = torch.zeros(batch, channels, device=acts.device, dtype=torch.float32)
         pairs = live.nonzero()  # (N, 2) rows of (sample, channel)
         with torch.inference_mode():
