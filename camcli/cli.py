@@ -156,6 +156,12 @@ def _explain(**opts: Any) -> int:
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False)
         return ExitCode.IMAGE_FAILED
+    if box_index is not None and not any(box_index.lookup(item) for item in items):
+        stderr.print(
+            f"camcli: warning: {box_index.source} has boxes for none of the {len(items)} images",
+            markup=False,
+            soft_wrap=True,
+        )
     request = {
         "model": loaded.name,
         "weights": loaded.weights,

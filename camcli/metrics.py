@@ -163,6 +163,7 @@ def perturbation_curves(
     sample: Tensor,
     targets: Tensor,
     options: MetricOptions,
+    clean: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Deletion and insertion curves (Petsiuk et al. 2018), each (M, steps + 1).
 
@@ -170,7 +171,7 @@ def perturbation_curves(
     of a curve is the target's probability after the n_k = floor(k * S^2 / steps)
     most salient pixels are changed: deletion replaces them by the substrate (k = 0:
     the image itself), insertion copies them from the image into its blurred copy
-    (k = steps: the image itself).
+    (k = steps: the image itself). `clean`: the (M,) probabilities on the images, if known.
     """
     steps = options.steps
     count, (height, width) = maps.shape[0], inputs.shape[-2:]
@@ -192,7 +193,8 @@ def perturbation_curves(
 
     row_targets = targets.repeat_interleave(steps).repeat(2)
     probs = target_probabilities(forward, 2 * count * steps, build, row_targets, options.chunk_size)
-    clean = target_probabilities(forward, count, lambda r: inputs[sample[r]], targets, options.chunk_size)
+    if clean is None:
+        clean = target_probabilities(forward, count, lambda r: inputs[sample[r]], targets, options.chunk_size)
     deletion = torch.cat([clean[:, None], probs[: count * steps].view(count, steps)], dim=1)
     insertion = torch.cat([probs[count * steps :].view(count, steps), clean[:, None]], dim=1)
     return deletion, insertion
@@ -212,14 +214,17 @@ def confidence_change(
     sample: Tensor,
     targets: Tensor,
     chunk_size: int = 32,
+    clean: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chattopadhyay et al. 2018, per map: (average drop term, increase in confidence).
 
     Y = p_c(image), O = p_c(image * map) on the normalised input, map (M, S, S) in
     [0, 1]. Average drop = max(0, Y - O) / Y and increase = [Y < O]; their means
     over images, x100, are the paper's "Average Drop %" and "% Increase in Confidence".
+    `clean`: the (M,) probabilities Y, if known.
     """
-    clean = target_probabilities(forward, maps.shape[0], lambda r: inputs[sample[r]], targets, chunk_size)
+    if clean is None:
+        clean = target_probabilities(forward, maps.shape[0], lambda r: inputs[sample[r]], targets, chunk_size)
     masked = target_probabilities(
         forward, maps.shape[0], lambda r: inputs[sample[r]] * maps[r, None], targets, chunk_size
     )
@@ -297,8 +302,11 @@ def evaluate_batch(
     sample = torch.arange(batch, device=device).repeat(len(explanations))
     targets = torch.cat([e.targets.to(device) for e in explanations])
     with frozen(model):
-        deletion, insertion = perturbation_curves(model, inputs, model_maps, sample, targets, options)
-        drop, increase = confidence_change(model, inputs, model_maps, sample, targets, options.chunk_size)
+        with torch.inference_mode():  # one clean forward per image, shared by every map
+            probabilities = torch.cat([model(chunk).float().softmax(1) for chunk in inputs.split(options.chunk_size)])
+        clean = probabilities[sample, targets]
+        deletion, insertion = perturbation_curves(model, inputs, model_maps, sample, targets, options, clean)
+        drop, increase = confidence_change(model, inputs, model_maps, sample, targets, options.chunk_size, clean)
     results = {
         "deletion_auc": area_under_curve(deletion),
         "insertion_auc": area_under_curve(insertion),

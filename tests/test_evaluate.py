@@ -93,6 +93,11 @@ def test_bad_boxes_file_is_a_usage_error(tmp_path, folder) -> None:
     assert "bad.json: bad boxes file" in result.output
     result = runner.invoke(app, ["explain", str(images), "--metrics", "--substrate", "noise", *FAST])
     assert result.exit_code == 2 and "substrate" in result.output
+    unrelated = tmp_path / "unrelated.json"
+    unrelated.write_text('{"elsewhere.png": [[1, 2, 3, 4]]}')
+    args = ["explain", str(images), "--boxes", str(unrelated), "-m", "center", "-o", str(tmp_path / "u"), *FAST]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "unrelated.json has boxes for none of the 2 images" in result.output
 
 
 @pytest.mark.slow

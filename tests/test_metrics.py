@@ -308,3 +308,48 @@ def test_boxes_files_in_both_layouts(tmp_path, samples_dir) -> None:
         mapping.write_text(bad)
         with pytest.raises(UsageError, match="boxes"):
             load_boxes(mapping)
+
+
+@pytest.mark.parametrize("baseline", ["zero", "blur"])
+def test_deletion_insertion_and_average_drop_match_torchcam(baseline: str) -> None:
+    """torchcam 0.5.0 uses one baseline for both curves (ours: insertion always starts
+    from the blur), counts ceil(P / steps) pixels per step (equal to ours where steps
+    divides P) and integrates over the fraction removed, as here."""
+    torchcam_metrics = pytest.importorskip("torchcam.metrics")
+    from functools import partial
+
+    from torchcam.methods import GradCAM as TorchcamGradCAM
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    x = torch.randn(3, 3, 20, 20)  # 400 pixels, 20 steps of 20
+    softmax = partial(torch.softmax, dim=-1)
+    torchcam_baseline = None if baseline == "zero" else blur
+    with TorchcamGradCAM(model, target_layer="3") as extractor:
+        scores = softmax(model(x))  # as inside torchcam's update: the CAM of the probability
+        targets = scores.argmax(1)
+        cam = extractor.fuse_cams(extractor(targets.tolist(), scores)).detach()
+        curves = torchcam_metrics.DeletionInsertionMetric(extractor, softmax, steps=20, baseline=torchcam_baseline)
+        curves.update(x)
+        confidence = torchcam_metrics.ClassificationMetric(extractor, softmax)
+        confidence.update(x)
+    maps = F.interpolate(cam[:, None], size=(20, 20), mode="bilinear", align_corners=False)[:, 0]
+    sample = torch.arange(3)
+    options = MetricOptions(steps=20, substrate=baseline)
+    # torchcam multiplies by its [0, 1] CAM upsampled (whose maximum falls between samples): as given
+    deletion, insertion = perturbation_curves(model, x, maps, sample, targets, options)
+    theirs = curves.summary()
+    assert area_under_curve(deletion).mean().item() == pytest.approx(theirs["deletion_auc"], abs=1e-6)
+    if baseline == "blur":
+        assert area_under_curve(insertion).mean().item() == pytest.approx(theirs["insertion_auc"], abs=1e-6)
+    drop, increase = confidence_change(model, x, maps, sample, targets)
+    assert drop.mean().item() == pytest.approx(confidence.summary()["avg_drop"], abs=1e-6)
+    assert increase.float().mean().item() == pytest.approx(confidence.summary()["conf_increase"], abs=1e-9)
