@@ -353,3 +353,23 @@ def test_deletion_insertion_and_average_drop_match_torchcam(baseline: str) -> No
     drop, increase = confidence_change(model, x, maps, sample, targets)
     assert drop.mean().item() == pytest.approx(confidence.summary()["avg_drop"], abs=1e-6)
     assert increase.float().mean().item() == pytest.approx(confidence.summary()["conf_increase"], abs=1e-9)
+
+
+def test_center_method_through_the_engine() -> None:
+    """`center` ignores the model: the min-max normalised Gaussian at the input's size,
+    the same for every sample, next to a real method in the same pass."""
+    from camcli.engine import Explainer
+    from camcli.methods import parse_methods
+    from camcli.models import InputSpec, resolve_layer
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
+    layer = resolve_layer(model, "0", InputSpec(16, (0.0,) * 3, (1.0,) * 3), torch.device("cpu"))
+    result = Explainer(model, layer, parse_methods("gradcam,center")).explain(torch.randn(2, 3, 12, 12), TargetSpec())
+    center = next(e for e in result.explanations if e.method == "center")
+    g = centered_gaussian(12, 12)
+    expected = (g - g.min()) / (g.max() - g.min())
+    assert center.maps.shape == (2, 12, 12)
+    assert torch.allclose(center.maps, expected.expand(2, 12, 12), atol=1e-6)
+    assert center.flat.tolist() == [False, False]
