@@ -254,7 +254,10 @@ def box_masks(boxes: Tensor, valid: Tensor, height: int, width: int) -> Tensor:
     x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
     inside_y = (ys >= y0) & (ys <= y1) & valid[..., None]  # (B, K, H)
     inside_x = (xs >= x0) & (xs <= x1)  # (B, K, W)
-    return (inside_y.unsqueeze(-1) & inside_x.unsqueeze(-2)).any(1)
+    masks = torch.zeros(boxes.shape[0], height, width, dtype=torch.bool, device=boxes.device)
+    for k in range(boxes.shape[1]):  # box slots, not images: memory stays at one (B, H, W)
+        masks |= inside_y[:, k, :, None] & inside_x[:, k, None, :]
+    return masks
 
 
 def pointing_game(maps: Tensor, boxes: Tensor, valid: Tensor, tolerance: float = 15.0) -> Tensor:
