@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -13,10 +14,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from camcli import __version__
+from camcli.boxes import load_boxes
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
+from camcli.evaluate import summarise, table, write_summary
 from camcli.io import OVERLAY_FORMATS, check_writable, collect_inputs
 from camcli.methods import parse_methods
+from camcli.metrics import SUBSTRATES, MetricOptions
 from camcli.models import DEFAULT_MODEL, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
@@ -106,6 +110,16 @@ def explain(
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
     report: Annotated[bool, typer.Option("--report", help="Then write OUT/index.html (`camcli report`).")] = False,
+    metrics: Annotated[
+        bool, typer.Option("--metrics", help="Score each map: deletion/insertion AUC, average drop, increase.")
+    ] = False,
+    boxes: Annotated[
+        Path | None, typer.Option("--boxes", help="JSON boxes per image: adds pointing game, energy in box.")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Deletion/insertion steps.")] = 20,
+    substrate: Annotated[
+        str, typer.Option("--substrate", help=f"What deletion puts in: {', '.join(SUBSTRATES)}.")
+    ] = "zero",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
@@ -130,6 +144,7 @@ def _explain(**opts: Any) -> int:
     if opts["target"] is not None and opts["topk"] is not None:
         raise UsageError("--target and --topk exclude each other")
     methods = parse_methods(opts["method"])
+    metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
     stdin = sys.stdin if "-" in opts["inputs"] else None
     items = collect_inputs(opts["inputs"], stdin)
@@ -148,6 +163,12 @@ def _explain(**opts: Any) -> int:
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False)
         return ExitCode.IMAGE_FAILED
+    if box_index is not None and not any(box_index.lookup(item) for item in items):
+        stderr.print(
+            f"camcli: warning: {box_index.source} has boxes for none of the {len(items)} images",
+            markup=False,
+            soft_wrap=True,
+        )
     request = {
         "model": loaded.name,
         "weights": loaded.weights,
@@ -159,6 +180,12 @@ def _explain(**opts: Any) -> int:
         "heatmap": opts["save_heatmap"],
         "overlay_format": opts["overlay_format"],
     }
+    if metric_options is not None:
+        request["metrics"] = {
+            "steps": metric_options.steps,
+            "substrate": metric_options.substrate,
+            "boxes": None if box_index is None else box_index.source,
+        }
     options = RunOptions(
         out_dir=opts["out"],
         batch_size=opts["batch_size"],
@@ -168,10 +195,14 @@ def _explain(**opts: Any) -> int:
         overwrite=opts["overwrite"],
         overlay_format=opts["overlay_format"],
         workers=opts["workers"],
+        metrics=metric_options,
+        boxes=box_index,
     )
     run = ExplainRun(loaded, explainer, target, device, options, request)
 
     def emit(record: dict[str, Any]) -> None:
+        if opts.get("records") is not None:  # `camcli evaluate` averages them
+            opts["records"].append(record)
         if opts["jsonl"]:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
             sys.stdout.flush()
@@ -254,6 +285,76 @@ def _write_report(out: Path, labels_expected: Path | None, quiet: bool) -> bool:
             soft_wrap=True,
         )
     return not summary.problems
+
+
+def _metric_options(opts: dict[str, Any]) -> tuple[MetricOptions | None, Any]:
+    """--metrics, --boxes (implies --metrics), --steps, --substrate."""
+    if opts["substrate"] not in SUBSTRATES:
+        raise UsageError(f"unknown substrate {opts['substrate']!r}; use one of {', '.join(SUBSTRATES)}")
+    if opts["boxes"] is not None and opts["topk"] is not None:
+        raise UsageError("--boxes and --topk exclude each other: a box names one target per image")
+    box_index = load_boxes(opts["boxes"]) if opts["boxes"] is not None else None
+    if not opts["metrics"] and box_index is None:
+        return None, None
+    return MetricOptions(steps=opts["steps"], substrate=opts["substrate"], chunk_size=opts["chunk_size"]), box_index
+
+
+@app.command()
+def evaluate(
+    folder: Annotated[list[str], typer.Argument(help="Images or folders (recursed).")],
+    boxes: Annotated[
+        Path | None, typer.Option("--boxes", help="JSON boxes per image: adds pointing game, energy in box.")
+    ] = None,
+    method: Annotated[
+        str, typer.Option("-m", "--method", help="Comma list of methods to compare.")
+    ] = "gradcam,gradcam++,scorecam",
+    model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
+    weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
+    layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name.")] = "auto",
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
+    target: Annotated[
+        str | None, typer.Option("-t", "--target", help="top1 (default), a class index or name; a box's class wins.")
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Deletion/insertion steps.")] = 20,
+    substrate: Annotated[
+        str, typer.Option("--substrate", help=f"What deletion puts in: {', '.join(SUBSTRATES)}.")
+    ] = "zero",
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Folder for summary.csv, summary.json and the per-image outputs.")
+    ] = Path("camcli-eval"),
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Perturbed inputs per forward.")] = 32,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images finished by an earlier run.")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors and the table only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Score methods over images: a table of metric means per method, also written as CSV and JSON."""
+    given = dict(locals())
+    opts = {n: p.default for n, p in inspect.signature(explain).parameters.items() if p.default is not p.empty}
+    opts.update({k: v for k, v in given.items() if k != "folder"})
+    opts.update(inputs=given["folder"], metrics=True, records=[])
+    try:
+        code = _explain(**opts)
+        summaries = summarise(opts["records"], [m.name for m in parse_methods(method)])
+        csv_path, json_path = write_summary(out, summaries, opts["records"][0]["request"] if opts["records"] else {})
+    except CamcliError as exc:
+        if debug:
+            raise
+        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("camcli: interrupted", markup=False)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a file or pipe gets the whole table, not an 80-column squeeze
+        console = Console(highlight=False, width=160)
+    console.print(table(summaries, f"camcli evaluate: {len(opts['records'])} images"))
+    if not quiet:
+        stderr.print(f"camcli: wrote {csv_path} and {json_path}", markup=False)
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -61,9 +61,16 @@ class TargetSpec:
 
     index: int | None = None  # None: the sample's own prediction(s)
     topk: int = 1
+    per_sample: tuple[int | None, ...] | None = None  # a class per sample (None: as above), e.g. a box's
 
     def resolve(self, logits: Tensor) -> list[Tensor]:
         """One (B,) tensor of class indices per rank, each sample with its own target."""
+        if self.per_sample is not None:
+            if len(self.per_sample) != logits.shape[0]:
+                raise ValueError(f"{len(self.per_sample)} per-sample targets for a batch of {logits.shape[0]}")
+            (default,) = TargetSpec(self.index).resolve(logits)
+            given = torch.tensor([-1 if c is None else c for c in self.per_sample], device=logits.device)
+            return [torch.where(given >= 0, given, default)]
         if self.index is not None:
             return [torch.full((logits.shape[0],), self.index, device=logits.device)]
         ranked = logits.topk(self.topk, dim=1).indices
@@ -320,9 +327,12 @@ class Explainer:
             for method in self._cam:
                 with torch.no_grad():
                     weights = method.weights(ctx)
-                    if weights.ndim == 2:
-                        weights = weights[:, :, None, None]
-                    cam = (weights * ctx.activations).sum(1).relu()
+                    if weights.ndim == 3:  # the method's own map (the centre baseline)
+                        cam = weights.relu()
+                    else:
+                        if weights.ndim == 2:
+                            weights = weights[:, :, None, None]
+                        cam = (weights * ctx.activations).sum(1).relu()
                     maps, flat = normalise(cam)
                 results[method.name, rank] = Explanation(method.name, rank, self.layer.name, rank_targets, maps, flat)
         return logits.detach(), targets

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 import torchvision
 
 from camcli import __version__
+from camcli.boxes import BoxIndex
 from camcli.engine import BatchResult, Explainer, TargetSpec
 from camcli.errors import ImageError
 from camcli.io import InputItem, atomic_write, decode_image, encode_image, json_bytes, npy_bytes, read_json
+from camcli.metrics import MetricOptions, evaluate_batch
 from camcli.models import InputSpec, LoadedModel
 from camcli.render import gradient_image, overlay, resize
 
@@ -40,6 +42,8 @@ class RunOptions:
     overwrite: bool = False
     overlay_format: str = "png"  # a key of camcli.io.OVERLAY_FORMATS
     workers: int = 2  # decode threads: cv2 and torch release the GIL
+    metrics: MetricOptions | None = None  # --metrics: faithfulness (and box) metrics per map
+    boxes: BoxIndex | None = None  # --boxes: per-image boxes and target classes
 
 
 @dataclass
@@ -150,11 +154,22 @@ class ExplainRun:
         self, decoded: list[_Decoded], summary: RunSummary, report_error: Callable[[str], None]
     ) -> Iterator[tuple[_Decoded, dict[str, Any], Callable[[], None]]]:
         good = [d for d in decoded if d.error is None]
-        result = None
+        result, metrics = None, None
         if good:
             batch = torch.stack([d.tensor for d in good]).to(self.device)  # type: ignore[misc]
-            result = self.explainer.explain(batch, self.target)
-        arrays = _to_numpy(result) if result is not None else None
+            boxes = self.options.boxes
+            target = self.target
+            if boxes is not None:  # a box's class is its image's target
+                target = TargetSpec(self.target.index, per_sample=boxes.targets([d.item for d in good]))
+            result = self.explainer.explain(batch, target)
+            if self.options.metrics is not None:
+                sizes = [d.image.shape[:2] for d in good]  # type: ignore[union-attr]
+                found = [boxes.lookup(d.item) for d in good] if boxes is not None else None
+                per_image = [b.boxes if b is not None else None for b in found] if found is not None else None
+                metrics = evaluate_batch(
+                    self.explainer.model, batch, result.explanations, sizes, per_image, self.options.metrics
+                )
+        arrays = _to_numpy(result, metrics) if result is not None else None
         position = 0
         for entry in decoded:
             if entry.error is not None:
@@ -228,6 +243,8 @@ class ExplainRun:
                     "warning": "flat map" if e["flat"][i] else None,
                 }
             )
+            if e["metrics"] is not None:
+                record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
         return record
 
     def _job(
@@ -281,12 +298,12 @@ class ExplainRun:
         return remaining
 
 
-def _to_numpy(result: BatchResult) -> dict[str, Any]:
+def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     """Everything the writers need from a batch, moved to the CPU once."""
     probs = result.logits.float().softmax(1)
     top = probs.topk(min(5, probs.shape[1]), dim=1)
     explanations = []
-    for e in result.explanations:
+    for n, e in enumerate(result.explanations):
         explanations.append(
             {
                 "method": e.method,
@@ -295,6 +312,7 @@ def _to_numpy(result: BatchResult) -> dict[str, Any]:
                 "scores": probs.gather(1, e.targets[:, None]).squeeze(1).cpu().numpy(),
                 "maps": e.maps.float().cpu().numpy(),
                 "flat": e.flat.cpu().numpy(),
+                "metrics": None if metrics is None else {k: v.cpu().numpy() for k, v in metrics[n].items()},
             }
         )
     return {
@@ -302,3 +320,18 @@ def _to_numpy(result: BatchResult) -> dict[str, Any]:
         "top_score": top.values.cpu().numpy(),
         "explanations": explanations,
     }
+
+
+def _metrics_json(metrics: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    """One image's metrics: floats, the pointing game and increase as booleans, null
+    where an image has no boxes."""
+    out: dict[str, Any] = {}
+    for name, values in metrics.items():
+        value = float(values[i])
+        if np.isnan(value):
+            out[name] = None
+        elif name in ("pointing_game", "increase_in_confidence"):
+            out[name] = bool(value)
+        else:
+            out[name] = value
+    return out

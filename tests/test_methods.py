@@ -205,8 +205,9 @@ def test_flat_map_is_zeros_with_a_flag_never_nan() -> None:
 
 def test_registry() -> None:
     names = list_methods()
-    assert names == ["cam", "gradcam", "gradcam++", "scorecam", "guided-backprop", "guided-gradcam"]
-    assert [m.name for m in parse_methods("all")] == names
+    assert names == ["cam", "gradcam", "gradcam++", "scorecam", "guided-backprop", "guided-gradcam", "center"]
+    assert [m.name for m in parse_methods("all")] == names[:-1]  # the centre baseline only when named
+    assert [m.name for m in parse_methods("all,center")] == names
     assert [m.name for m in parse_methods("gradcam, cam,gradcam")] == ["gradcam", "cam"]
     for name in names:
         method = get_method(name)

@@ -51,7 +51,7 @@ def parse_methods(spec: str) -> list[Method]:
 
 
 # Registration order is the order of `all` and of `camcli methods`.
-_MODULES = ("cam", "gradcam", "gradcampp", "scorecam", "guided_backprop", "guided_gradcam")
+_MODULES = ("cam", "gradcam", "gradcampp", "scorecam", "guided_backprop", "guided_gradcam", "center")
 for _module in _MODULES:
     importlib.import_module(f"camcli.methods.{_module}")
 

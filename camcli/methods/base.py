@@ -47,7 +47,8 @@ class CamMethod(Method):
     """A class activation map: relu(sum_c w_c * A_c), with w from `weights`."""
 
     def weights(self, ctx: CamContext) -> Tensor:
-        """Return (B, C) channel weights, or (B, C, h, w) element-wise weights."""
+        """Return (B, C) channel weights, (B, C, h, w) element-wise weights, or a (B, h, w)
+        map of the method's own (a baseline that does not weigh channels)."""
         raise NotImplementedError
 
 
