@@ -25,7 +25,7 @@ from camcli.engine import BatchResult, Explainer, TargetSpec
 from camcli.errors import ImageError
 from camcli.io import InputItem, atomic_write, decode_image, encode_image, json_bytes, npy_bytes, read_json
 from camcli.models import InputSpec, LoadedModel
-from camcli.render import comparison_grid, gradient_image, overlay, resize
+from camcli.render import comparison_grid, gradient_image, heatmap_at_size, overlay
 
 SCHEMA_VERSION = 1
 
@@ -253,12 +253,10 @@ class ExplainRun:
                 height, width = entry.image.shape[:2]
                 panels = []
                 for e, meta in zip(arrays["explanations"], record["explanations"], strict=True):
-                    heat = e["maps"][i]
-                    if heat.ndim == 3:  # input gradient (3, H, W): deprocessed image
-                        raw = resize(np.ascontiguousarray(heat.transpose(1, 2, 0)), width, height)
+                    raw = heatmap_at_size(e["maps"][i], width, height)
+                    if raw.ndim == 3:  # input gradient (H, W, 3): deprocessed image
                         picture = gradient_image(raw)
                     else:
-                        raw = np.clip(resize(heat, width, height), 0.0, 1.0)
                         picture = overlay(entry.image, raw, options.colormap, options.alpha)
                     panels.append((picture, meta))
                     if options.grid_only:

@@ -36,6 +36,14 @@ def resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def heatmap_at_size(heat: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A model-resolution map at the image's size, as written to `.npy`: a CAM (h, w) in
+    [0, 1] -> (H, W) clipped to [0, 1]; an input gradient (3, h, w) -> raw (H, W, 3)."""
+    if heat.ndim == 3:
+        return resize(np.ascontiguousarray(heat.transpose(1, 2, 0)), width, height)
+    return np.clip(resize(heat, width, height), 0.0, 1.0)
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
     """Blend a [0, 1] heatmap of the image's size over an RGB uint8 image."""
     index = np.clip(np.rint(heat * 255.0), 0, 255).astype(np.uint8)
