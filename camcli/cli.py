@@ -269,6 +269,7 @@ def compare(
     colormap: Annotated[str, typer.Option("--colormap", help=f"One of {', '.join(COLORMAPS)}.")] = "jet",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
     panel_size: Annotated[int, typer.Option("--panel-size", min=32, help="Panel height in pixels.")] = 224,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
     batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
     labels: Annotated[Path | None, typer.Option("--labels", help="Class names: one per line, or a JSON list.")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
