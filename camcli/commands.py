@@ -109,11 +109,19 @@ def model_entries(pattern: str | None = None) -> list[ModelEntry]:
     if timm_available():
         import timm
 
+        tags: dict[str, list[str]] = {}
+        for pretrained in timm.list_pretrained():  # "arch.tag": --model timm:arch.tag picks one
+            arch, _, tag = pretrained.partition(".")
+            tags.setdefault(arch, []).append(tag)
         for name in timm.list_models():
             if not wanted(name, TIMM_PREFIX):
                 continue
-            cached = timm_cached_weights(name)
-            weights = [{"name": "DEFAULT", "default": True, "cached": cached is not None}]
+            cfg = timm.models.get_pretrained_cfg(name)
+            default = cfg.tag if cfg is not None else None
+            weights = [
+                {"name": tag, "default": tag == default, "cached": timm_cached_weights(f"{name}.{tag}") is not None}
+                for tag in tags.get(name, [])
+            ]
             entries.append(ModelEntry(TIMM_PREFIX + name, "timm", weights))
     return entries
 
@@ -126,8 +134,9 @@ def format_models(entries: list[ModelEntry]) -> str:
         cache = "bundled" if entry.source == "embedded" else (", ".join(cached) if cached else "-")
         rows.append((entry.name, entry.source, " ".join(names), cache, entry.note or ""))
     footer = (
-        "\n* = DEFAULT; cached = already on this machine (torchvision: $TORCH_HOME/hub/checkpoints,\n"
-        "timm: its Hugging Face or torch hub cache). Every model also takes --weights none or a file."
+        "\n* = DEFAULT (timm: --model timm:NAME.TAG picks a tag); cached = already on this machine\n"
+        "(torchvision: $TORCH_HOME/hub/checkpoints, timm: its Hugging Face or torch hub cache).\n"
+        "Every model also takes --weights none or a weights file."
     )
     if not timm_available():
         footer += "\ntimm models are listed when timm is installed (pip install 'camcli[timm]')."

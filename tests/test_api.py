@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -18,7 +17,7 @@ from camcli.cli import app
 from camcli.errors import UsageError
 from camcli.io import decode_image
 
-METHODS = "gradcam,scorecam,guided-backprop"
+METHODS = "gradcam,gradcam++,guided-backprop"  # scorecam is checked elsewhere: 1280 forwards per image
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_paths_arrays_pil_and_tensors_give_the_same_maps(samples_dir, lite0) -> 
 def test_single_image_target_by_name_and_errors(samples_dir, lite0) -> None:
     (result,) = explain(samples_dir / "skimage_coffee.png", ["cam"], model=lite0, target="cup")
     assert result.explanations[0].target.index == 968 and result.explanations[0].target.label == "cup"
-    assert result.heatmap("cam", 968).max() == pytest.approx(1.0)
+    assert result.heatmap("cam", 968).max() > 0.99
     with pytest.raises(KeyError):
         result.heatmap("gradcam")
     with pytest.raises(UsageError, match="unknown method"):
@@ -96,7 +95,8 @@ def test_public_names_and_a_cheap_import() -> None:
     assert time.perf_counter() - start < 1.0
 
 
-def test_api_with_a_user_model_and_labels(tmp_path) -> None:
+def test_api_with_a_user_model_and_labels() -> None:
+    torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3, padding=1),
         torch.nn.ReLU(),
@@ -104,12 +104,9 @@ def test_api_with_a_user_model_and_labels(tmp_path) -> None:
         torch.nn.Flatten(),
         torch.nn.Linear(4, 2),
     )
-    labels = tmp_path / "labels.txt"
-    labels.write_text("ok\nnot ok\n")
-    path = tmp_path / "m.pth"
-    torch.save(model.state_dict(), path)
-    loaded = load_model("torch.nn:Identity", labels=["ok", "not ok"])
+    loaded = load_model("torch.nn:Identity", labels=["ok", "not ok"], input_size=32)
     loaded.model = model.eval()
-    (result,) = explain(np.random.default_rng(0).random((20, 30, 3)), "cam", model=loaded, target="not ok")
+    image = np.random.default_rng(0).random((20, 30, 3))  # float in [0, 1]
+    (result,) = explain(image, "cam", model=loaded, target="not ok")
     assert result.explanations[0].target.label == "not ok" and result.heatmap("cam").shape == (20, 30)
-    assert Path(labels).exists()
+    assert {p.label for p in result.predictions} == {"ok", "not ok"}
