@@ -19,7 +19,7 @@ from camcli import __version__, commands
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.io import atomic_write, check_writable, collect_inputs
-from camcli.methods import parse_methods
+from camcli.methods import list_methods, parse_methods
 from camcli.models import DEFAULT_MODEL, check_labels, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
@@ -73,11 +73,24 @@ def _floats(value: str | None, option: str) -> tuple[float, float, float] | None
     return parts  # type: ignore[return-value]
 
 
+def _complete_methods(incomplete: str) -> list[str]:
+    """Shell completion of `-m a,b,c`: completes the last name of the comma list."""
+    done, _, last = incomplete.rpartition(",")
+    prefix = f"{done}," if done else ""
+    return [prefix + name for name in [*list_methods(), "all"] if name.startswith(last)]
+
+
 @app.command()
 def explain(
     inputs: Annotated[list[str], typer.Argument(help="Images, folders (recursed), or - for paths on stdin.")],
     method: Annotated[
-        str, typer.Option("-m", "--method", help="Comma list of methods, or 'all' (`camcli methods`).")
+        str,
+        typer.Option(
+            "-m",
+            "--method",
+            help="Comma list of methods, or 'all' (`camcli methods`).",
+            autocompletion=_complete_methods,
+        ),
     ] = "gradcam",
     model: Annotated[
         str, typer.Option("--model", help="efficientnet_lite0, a torchvision name, or package.module:factory.")
@@ -254,9 +267,9 @@ def _print_json(data: Any) -> None:
 @app.command()
 def compare(
     inputs: Annotated[list[str], typer.Argument(help="Images, folders (recursed), or - for paths on stdin.")],
-    method: Annotated[str, typer.Option("-m", "--method", help="Comma list of methods, or 'all'.")] = (
-        "cam,gradcam,gradcam++,scorecam"
-    ),
+    method: Annotated[
+        str, typer.Option("-m", "--method", help="Comma list of methods, or 'all'.", autocompletion=_complete_methods)
+    ] = "cam,gradcam,gradcam++,scorecam",
     model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
     weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
     layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name.")] = "auto",

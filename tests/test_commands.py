@@ -180,3 +180,22 @@ def test_explain_grid_beside_per_method_files(tmp_path, small_image, validate_re
     assert (grid.shape[1], grid.shape[0]) == grid_size(1, 3, panel_width(60, 40, 224), 224)
     again = run("explain", str(small_image), "-m", "gradcam,guided-backprop", "-o", str(out), "--grid")
     assert "1 already done" in again.stderr
+
+
+def test_shell_completion_of_method_lists(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "_CAMCLI_COMPLETE": "complete_bash",
+        "COMP_WORDS": "camcli explain -m gradcam,sc",
+        "COMP_CWORD": "3",
+    }
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    script = "from camcli.cli import app; app(prog_name='camcli')"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["gradcam,scorecam"], proc.stderr
+    help_text = run("--help").stdout
+    assert "--install-completion" in help_text
