@@ -6,6 +6,8 @@ import inspect
 import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,18 +15,20 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from camcli import __version__
+from camcli import __version__, commands
 from camcli.boxes import load_boxes
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import summarise, table, write_summary
-from camcli.io import OVERLAY_FORMATS, check_writable, collect_inputs
-from camcli.methods import parse_methods
+from camcli.io import OVERLAY_FORMATS, atomic_write, check_writable, collect_inputs
+from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
-from camcli.models import DEFAULT_MODEL, load_model, resolve_layer
+from camcli.models import DEFAULT_MODEL, check_labels, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
 from camcli.report import write_report
+from camcli.schema import schema_text
+from camcli.summary import SummaryTable
 
 app = typer.Typer(
     help="See where a CNN image classifier looks: heatmap overlays and JSON for images and folders.",
@@ -73,11 +77,24 @@ def _floats(value: str | None, option: str) -> tuple[float, float, float] | None
     return parts  # type: ignore[return-value]
 
 
+def _complete_methods(incomplete: str) -> list[str]:
+    """Shell completion of `-m a,b,c`: completes the last name of the comma list."""
+    done, _, last = incomplete.rpartition(",")
+    prefix = f"{done}," if done else ""
+    return [prefix + name for name in [*list_methods(), "all"] if name.startswith(last)]
+
+
 @app.command()
 def explain(
     inputs: Annotated[list[str], typer.Argument(help="Images, folders (recursed), or - for paths on stdin.")],
     method: Annotated[
-        str, typer.Option("-m", "--method", help="Comma list of methods, or 'all' (`camcli methods`).")
+        str,
+        typer.Option(
+            "-m",
+            "--method",
+            help="Comma list of methods, or 'all' (`camcli methods`).",
+            autocompletion=_complete_methods,
+        ),
     ] = "gradcam",
     model: Annotated[
         str, typer.Option("--model", help="efficientnet_lite0, a torchvision name, or package.module:factory.")
@@ -120,6 +137,24 @@ def explain(
     substrate: Annotated[
         str, typer.Option("--substrate", help=f"What deletion puts in: {', '.join(SUBSTRATES)}.")
     ] = "zero",
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="Class names: one per line, or a JSON list (for your own models).")
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option("--include", help="Only inputs matching this glob (repeatable).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Skip inputs matching this glob (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be explained or skipped; explain and write nothing.")
+    ] = False,
+    summary_csv: Annotated[
+        Path | None, typer.Option("--summary", help="Also write a CSV: one row per image x method.")
+    ] = None,
+    grid: Annotated[
+        bool, typer.Option("--grid", help="Also write <name>.grid.png: the image and every method side by side.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
@@ -147,17 +182,20 @@ def _explain(**opts: Any) -> int:
     metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
     stdin = sys.stdin if "-" in opts["inputs"] else None
-    items = collect_inputs(opts["inputs"], stdin)
-    check_writable(opts["out"])
+    items = collect_inputs(opts["inputs"], stdin, opts["include"] or (), opts["exclude"] or ())
+    if not opts["dry_run"]:
+        check_writable(opts["out"])
     loaded = load_model(
         opts["model"],
         opts["weights"],
         input_size=opts["input_size"],
         mean=_floats(opts["mean"], "--mean"),
         std=_floats(opts["std"], "--std"),
+        labels=opts["labels"],
     )
     loaded.model.to(device)
     layer = resolve_layer(loaded.model, opts["layer"], loaded.input, device)
+    check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
     explainer = Explainer(loaded.model, layer, methods, chunk_size=opts["chunk_size"])
     if not items:
@@ -186,6 +224,8 @@ def _explain(**opts: Any) -> int:
             "substrate": metric_options.substrate,
             "boxes": None if box_index is None else box_index.source,
         }
+    if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
+        request["grid"] = True
     options = RunOptions(
         out_dir=opts["out"],
         batch_size=opts["batch_size"],
@@ -197,12 +237,20 @@ def _explain(**opts: Any) -> int:
         workers=opts["workers"],
         metrics=metric_options,
         boxes=box_index,
+        grid=opts["grid"],
+        grid_only=opts.get("grid_only", False),
+        panel_size=opts.get("panel_size", 224),
     )
     run = ExplainRun(loaded, explainer, target, device, options, request)
+    if opts["dry_run"]:
+        return _dry_run(run, items, opts["out"])
+    summary_table = SummaryTable(items, opts["out"]) if opts["summary_csv"] else None
 
     def emit(record: dict[str, Any]) -> None:
         if opts.get("records") is not None:  # `camcli evaluate` averages them
             opts["records"].append(record)
+        if summary_table is not None:
+            summary_table.add(record)
         if opts["jsonl"]:
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
             sys.stdout.flush()
@@ -221,6 +269,12 @@ def _explain(**opts: Any) -> int:
     ) as progress:
         task = progress.add_task("explaining", total=len(items))
         summary = run.run(items, emit, report_error, lambda n: progress.advance(task, n))
+    if summary_table is not None:
+        try:
+            atomic_write(opts["summary_csv"], summary_table.to_csv())
+        except OSError as exc:
+            report_error(f"{opts['summary_csv']}: cannot write the summary: {exc.strerror or exc}")
+            return ExitCode.IMAGE_FAILED
     if not opts["quiet"]:
         stderr.print(
             f"camcli: {summary.done} explained, {summary.skipped} already done, "
@@ -355,6 +409,143 @@ def evaluate(
     if not quiet:
         stderr.print(f"camcli: wrote {csv_path} and {json_path}", markup=False)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _one_line_errors(debug: bool = False) -> Iterator[None]:
+    """The discovery commands' error handling: one line and the exit code, as for explain."""
+    try:
+        yield
+    except CamcliError as exc:
+        if debug:
+            raise
+        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("camcli: interrupted", markup=False)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+@app.command()
+def compare(
+    inputs: Annotated[list[str], typer.Argument(help="Images, folders (recursed), or - for paths on stdin.")],
+    method: Annotated[
+        str, typer.Option("-m", "--method", help="Comma list of methods, or 'all'.", autocompletion=_complete_methods)
+    ] = "cam,gradcam,gradcam++,scorecam",
+    model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
+    weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
+    layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name.")] = "auto",
+    target: Annotated[str | None, typer.Option("-t", "--target", help="top1, a class index or name.")] = None,
+    topk: Annotated[
+        int | None, typer.Option("-k", "--topk", min=1, help="One row per each of the K best classes.")
+    ] = None,
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("camcli-out"),
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    colormap: Annotated[str, typer.Option("--colormap", help=f"One of {', '.join(COLORMAPS)}.")] = "jet",
+    alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
+    panel_size: Annotated[int, typer.Option("--panel-size", min=32, help="Panel height in pixels.")] = 224,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
+    labels: Annotated[Path | None, typer.Option("--labels", help="Class names: one per line, or a JSON list.")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Side-by-side grids: OUT/<name>.grid.png with the image, then one overlay per method (and target)."""
+    given = dict(locals())
+    # every other explain option at its default, so options added to explain later just work
+    opts = {
+        name: param.default
+        for name, param in inspect.signature(explain).parameters.items()
+        if param.default is not inspect.Parameter.empty
+    }
+    opts |= given | {"grid_only": True, "overwrite": True}
+    with _one_line_errors(debug):
+        code = _explain(**opts)
+    raise typer.Exit(code)
+
+
+@app.command()
+def methods(json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False) -> None:
+    """Every method: name, paper, what it needs from the model, relative cost."""
+    rows = commands.method_rows()
+    if json_out:
+        _print_json(rows)
+    else:
+        typer.echo(commands.format_methods(rows))
+
+
+@app.command()
+def models(
+    pattern: Annotated[str | None, typer.Argument(help="Glob on the name, e.g. 'resnet*' or 'timm:convnext*'.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
+) -> None:
+    """Models --model accepts: the embedded default, torchvision's, timm's (when installed)."""
+    entries = commands.model_entries(pattern)
+    if json_out:
+        _print_json(commands.models_json(entries))
+        return
+    if not entries:
+        stderr.print(f"camcli: no model matches {pattern!r}", markup=False)
+        raise typer.Exit(ExitCode.USAGE)
+    typer.echo(commands.format_models(entries))
+
+
+@app.command()
+def layers(
+    model: Annotated[
+        str, typer.Argument(help="A --model name: efficientnet_lite0, resnet50, timm:NAME, pkg.mod:fn.")
+    ] = (DEFAULT_MODEL),
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="Weights to build with (default: none, shapes do not depend on them)."),
+    ] = "none",
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
+    depth: Annotated[int | None, typer.Option("--depth", min=1, help="Show modules up to this nesting depth.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """The model's modules with output shapes (one dry forward); the layer --layer auto picks is marked."""
+    with _one_line_errors(debug):
+        loaded = load_model(model, weights, input_size=input_size)
+        torch_device = resolve_device(device)
+        loaded.model.to(torch_device)
+        rows, auto, logits = commands.layer_rows(loaded.model, loaded.input, torch_device)
+    if json_out:
+        _print_json({"model": loaded.name, "auto": auto, "logits": logits, "layers": [vars(r) for r in rows]})
+    else:
+        typer.echo(commands.format_layers(rows, auto, logits, loaded.name, depth))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the per-image JSON files."""
+    typer.echo(schema_text(), nl=False)
+
+
+@app.command()
+def version(json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False) -> None:
+    """Versions of camcli, torch, torchvision, OpenCV, timm and the devices camcli can use."""
+    info = commands.version_info()
+    if json_out:
+        _print_json(info)
+    else:
+        typer.echo(commands.format_version(info))
+
+
+def _dry_run(run: ExplainRun, items: list[Any], out: Path) -> int:
+    """Print one line per input: what a real run would do with it."""
+    todo = 0
+    for item in items:
+        done = run.is_finished(item)
+        todo += not done
+        typer.echo(f"{'skip' if done else 'explain'}\t{item.path}\t{out / item.key}.json")
+    stderr.print(f"camcli: dry run: {todo} to explain, {len(items) - todo} already done; nothing written", markup=False)
+    return ExitCode.OK
 
 
 def main() -> None:

@@ -8,11 +8,12 @@ a half-written file.
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -56,14 +57,20 @@ def output_key(path: Path, root: Path | None = None) -> str:
     return "/".join(parts)
 
 
-def collect_inputs(args: Iterable[str], stdin_lines: Iterable[str] | None = None) -> list[InputItem]:
+def collect_inputs(
+    args: Iterable[str],
+    stdin_lines: Iterable[str] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[InputItem]:
     """Expand files, folders (recursively, sorted) and ``-`` (paths on stdin).
 
     Output names: a folder's images mirror their path below the folder, a file given
     as an argument keeps its name, a path from stdin keeps its path (anchor dropped).
 
     A path that does not exist is a usage error before any work. The same file given
-    twice (or a file and its folder) is explained once.
+    twice (or a file and its folder) is explained once. `include` / `exclude` globs
+    (`selected`) keep or drop inputs of every kind.
     """
     items: list[InputItem] = []
     for arg in args:
@@ -78,7 +85,20 @@ def collect_inputs(args: Iterable[str], stdin_lines: Iterable[str] | None = None
             items.extend(_folder_items(path))
         else:  # a file named on the command line: its outputs go to OUT/<name>
             items.append(_file_item(path, path.name))
-    return _unique(items)
+    return _unique([item for item in items if selected(item, include, exclude)])
+
+
+def selected(item: InputItem, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
+    """`--include` / `--exclude`: a glob without ``/`` matches the file name, one with
+    ``/`` the output key (the path below the folder given); with includes, at least one
+    must match; any matching exclude drops the item."""
+
+    def matches(pattern: str) -> bool:
+        return fnmatch.fnmatchcase(item.key if "/" in pattern else item.path.name, pattern)
+
+    if include and not any(matches(p) for p in include):
+        return False
+    return not any(matches(p) for p in exclude)
 
 
 def _file_item(path: Path, key: str) -> InputItem:

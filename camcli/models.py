@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import importlib.util
+import json
 import os
 import pickle
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from camcli.errors import UsageError
 from camcli.lite0 import LITE0_INPUT_SIZE, LITE0_MEAN, LITE0_STD, EfficientNetLite0, lite0_weights_path
 
 DEFAULT_MODEL = "efficientnet_lite0"
+TIMM_PREFIX = "timm:"  # --model timm:NAME[.TAG]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _UNSUPPORTED = ("vit_", "swin_", "maxvit")  # transformers: no spatial conv feature map yet
@@ -93,13 +97,19 @@ def load_model(
     input_size: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    labels: str | Path | Sequence[str] | None = None,
 ) -> LoadedModel:
     """Build `name` with `weights` (enum member, ``none`` or a file) in eval mode on the CPU.
 
-    ``weights=None`` means the default: the pretrained weights for zoo models, the
-    factory's own initialisation for ``package.module:factory``.
+    ``weights=None`` means the default: the pretrained weights for zoo models (for
+    ``timm:NAME`` only from the local cache), the factory's own initialisation for
+    ``package.module:factory``. `labels` (a list, or a file read by `read_labels`)
+    names the classes of a model that has its own; `check_labels` compares the count
+    once the model's class count is known.
     """
-    if ":" in name and not os.path.exists(name):
+    if name.startswith(TIMM_PREFIX):
+        loaded = _load_timm(name.removeprefix(TIMM_PREFIX), weights)
+    elif ":" in name and not os.path.exists(name):
         loaded = _load_factory(name, weights)
     elif name == DEFAULT_MODEL:
         loaded = _load_lite0(weights)
@@ -114,7 +124,39 @@ def load_model(
             std=std or spec.std,
             interpolation=spec.interpolation,
         )
+    if labels is not None:
+        loaded.categories = read_labels(Path(labels)) if isinstance(labels, (str, Path)) else list(labels)
     return loaded
+
+
+def read_labels(path: Path) -> list[str]:
+    """Class names from `--labels`: a JSON list of strings, or one name per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--labels {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--labels {path}: not UTF-8 text") from None
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"--labels {path}: invalid JSON ({exc})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"--labels {path}: expected a JSON list of class names")
+    else:
+        names = [line.strip() for line in text.rstrip().splitlines()]
+        if "" in names:
+            raise UsageError(f"--labels {path}: line {names.index('') + 1} is empty (one class name per line)")
+    if not names:
+        raise UsageError(f"--labels {path}: no class names")
+    return names
+
+
+def check_labels(loaded: LoadedModel, num_classes: int, source: str = "--labels") -> None:
+    """Refuse class names whose count differs from the model's outputs (every index must have a name)."""
+    if loaded.categories is not None and len(loaded.categories) != num_classes:
+        raise UsageError(f"{source}: {len(loaded.categories)} class names for a model with {num_classes} outputs")
 
 
 def _is_path(weights: str) -> bool:
@@ -304,6 +346,95 @@ def _rename_legacy_densenet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
+def timm_available() -> bool:
+    """timm is optional (the `timm` extra)."""
+    return importlib.util.find_spec("timm") is not None
+
+
+def timm_cached_weights(name: str) -> Path | None:
+    """The local file of timm's default pretrained weights for `name`, if already cached.
+
+    Looks where timm itself caches (the Hugging Face hub cache, then torch hub's
+    checkpoints folder) without touching the network.
+    """
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        for filename in filenames:
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_weights_file(path: Path) -> dict[str, Tensor]:
+    """A state dict from a .safetensors file (a safe format) or a torch checkpoint."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is one clear line
+            raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
+    return read_state_dict(path)
+
+
+def _load_timm(name: str, weights: str | None) -> LoadedModel:
+    """A timm model: weights from a user file or timm's local cache, never downloaded."""
+    if not timm_available():
+        raise UsageError("--model timm:...: timm is not installed (pip install 'camcli[timm]')")
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UsageError(f"unknown timm model {name!r}{hint}; `camcli models 'PATTERN'` lists them")
+    choice = weights or "DEFAULT"
+    if choice.lower() == "none":
+        model, label = timm.create_model(name, pretrained=False), "none"
+    elif _is_path(choice) or choice.upper() != "DEFAULT":
+        path = Path(choice)
+        state = _read_weights_file(path)
+        model = timm.create_model(name, pretrained=False)
+        classes = _head_classes(model, state)
+        if classes is not None:
+            model = timm.create_model(name, pretrained=False, num_classes=classes)
+        apply_state_dict(model, state, choice)
+        label = choice
+    else:
+        cached = timm_cached_weights(name)
+        if cached is None:
+            raise UsageError(
+                f"timm weights for {name!r} are not in the local cache and camcli never downloads them: "
+                "pass --weights FILE (.pth or .safetensors) or --weights none"
+            )
+        # timm's own loader adapts the checkpoint to the model (its filter functions)
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"state_dict": _read_weights_file(cached)}
+        )
+        label = f"timm {name} ({cached.name})"
+    cfg = model.pretrained_cfg
+    spec = InputSpec(
+        size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        mean=tuple(float(v) for v in cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(float(v) for v in cfg.get("std", IMAGENET_STD)),
+        interpolation="bicubic" if cfg.get("interpolation") == "bicubic" else "bilinear",
+    )
+    classes = getattr(model, "num_classes", None)
+    categories = imagenet_categories() if classes == 1000 else None
+    return LoadedModel(model, TIMM_PREFIX + name, label, spec, categories)
+
+
 def _load_factory(spec: str, weights: str | None) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
@@ -342,37 +473,34 @@ class LayerInfo:
     head: str | None  # the linear module mapping GAP(layer) to the logits, if any
 
 
-def resolve_layer(model: nn.Module, layer: str, spec: InputSpec, device: torch.device) -> LayerInfo:
-    """Resolve `--layer` (``auto`` or a dotted module name) with one dry forward.
+@dataclass(frozen=True)
+class ForwardTrace:
+    """What one dry forward on a probe input saw, shared by layer resolution and `camcli layers`."""
 
-    ``auto`` picks the last module, in execution order, whose output is a
-    (B, C, H, W) map with H, W > 1 and which is not itself a pooling module: the
-    feature map that global pooling (or the classifier) consumes. If the model
-    rectifies that tensor in place before pooling (DenseNet's functional ReLU), the
-    tensor is read as pooled (`as_consumed`).
-    """
-    modules = dict(model.named_modules())
-    if layer != "auto" and layer not in modules:
-        close = difflib.get_close_matches(layer, [n for n in modules if n], n=5, cutoff=0.5)
-        hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise UsageError(f"no layer named {layer!r} in the model{hint} (`camcli layers` lists them)")
+    calls: list[tuple[str, Tensor, int]]  # (module name, tensor output, its _version after the call), in order
+    linears: list[tuple[str, Tensor]]  # the nn.Linear calls among them
+    logits: Tensor
+    kept: Tensor | None  # a copy of the `keep` module's output, in case later in-place ops change it
 
-    records: list[tuple[str, Tensor, int]] = []
+
+def trace_forward(model: nn.Module, spec: InputSpec, device: torch.device, keep: str | None = None) -> ForwardTrace:
+    """One forward of a fixed random probe with a hook on every module, removed in `finally`."""
+    calls: list[tuple[str, Tensor, int]] = []
     linears: list[tuple[str, Tensor]] = []
-    named_output: list[Tensor] = []  # a copy, in case later in-place ops change it
+    kept: list[Tensor] = []
 
     def hook(name: str):
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
             if isinstance(output, Tensor):
-                records.append((name, output, output._version))
-                if name == layer:
-                    named_output[:] = [output.clone()]
+                calls.append((name, output, output._version))
+                if name == keep:
+                    kept[:] = [output.clone()]
                 if isinstance(module, nn.Linear):
                     linears.append((name, output))
 
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items() if n]
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     was_training = model.training
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(1, 3, spec.size, spec.size, generator=generator).to(device)
@@ -386,6 +514,31 @@ def resolve_layer(model: nn.Module, layer: str, spec: InputSpec, device: torch.d
         model.train(was_training)
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         raise UsageError("the model must return a (batch, classes) tensor of logits")
+    return ForwardTrace(calls, linears, logits, kept[0] if kept else None)
+
+
+def resolve_layer(
+    model: nn.Module, layer: str, spec: InputSpec, device: torch.device, trace: ForwardTrace | None = None
+) -> LayerInfo:
+    """Resolve `--layer` (``auto`` or a dotted module name) with one dry forward.
+
+    ``auto`` picks the last module, in execution order, whose output is a
+    (B, C, H, W) map with H, W > 1 and which is not itself a pooling module: the
+    feature map that global pooling (or the classifier) consumes. If the model
+    rectifies that tensor in place before pooling (DenseNet's functional ReLU), the
+    tensor is read as pooled (`as_consumed`). A `trace` from `trace_forward` saves the
+    forward (it must keep `layer`'s output when a layer is named).
+    """
+    modules = dict(model.named_modules())
+    if layer != "auto" and layer not in modules:
+        close = difflib.get_close_matches(layer, [n for n in modules if n], n=5, cutoff=0.5)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise UsageError(f"no layer named {layer!r} in the model{hint} (`camcli layers` lists them)")
+
+    if trace is None:
+        trace = trace_forward(model, spec, device, keep=None if layer == "auto" else layer)
+    records, linears, logits = trace.calls, trace.linears, trace.logits
+    named_output = [] if trace.kept is None else [trace.kept]
 
     def is_feature_map(name: str, out: Tensor) -> bool:
         return (

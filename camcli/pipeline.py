@@ -27,7 +27,7 @@ from camcli.errors import ImageError
 from camcli.io import InputItem, atomic_write, decode_image, encode_image, json_bytes, npy_bytes, read_json
 from camcli.metrics import MetricOptions, evaluate_batch
 from camcli.models import InputSpec, LoadedModel
-from camcli.render import gradient_image, overlay, resize
+from camcli.render import comparison_grid, gradient_image, heatmap_at_size, overlay
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +44,9 @@ class RunOptions:
     workers: int = 2  # decode threads: cv2 and torch release the GIL
     metrics: MetricOptions | None = None  # --metrics: faithfulness (and box) metrics per map
     boxes: BoxIndex | None = None  # --boxes: per-image boxes and target classes
+    grid: bool = False  # also write <name>.grid.png: the image, then every method (and target) side by side
+    grid_only: bool = False  # `camcli compare`: write only the grids (no overlays, no JSON)
+    panel_size: int = 224  # grid panel height in pixels
 
 
 @dataclass
@@ -190,8 +193,12 @@ class ExplainRun:
     def _json_path(self, item: InputItem) -> Path:
         return self.options.out_dir / f"{item.key}.json"
 
+    def is_finished(self, item: InputItem) -> bool:
+        """Whether an earlier run already explained `item` the same way (it would be skipped)."""
+        return self._finished_record(item) is not None
+
     def _finished_record(self, item: InputItem) -> dict[str, Any] | None:
-        if self.options.overwrite:
+        if self.options.overwrite or self.options.grid_only:
             return None
         path = self._json_path(item)
         record = read_json(path)
@@ -199,6 +206,7 @@ class ExplainRun:
             return None
         outputs = [e.get("overlay") for e in record.get("explanations", [])]
         outputs += [e.get("heatmap") for e in record.get("explanations", []) if e.get("heatmap")]
+        outputs += [record["grid"]] if "grid" in record else []
         if not all(isinstance(o, str) and (path.parent / o).is_file() for o in outputs):
             return None
         return record
@@ -245,6 +253,8 @@ class ExplainRun:
             )
             if e["metrics"] is not None:
                 record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
+        if self.options.grid:
+            record["grid"] = f"{name}.grid.png"
         return record
 
     def _job(
@@ -259,18 +269,24 @@ class ExplainRun:
             if arrays is not None:
                 assert entry.image is not None
                 height, width = entry.image.shape[:2]
+                panels = []
                 for e, meta in zip(arrays["explanations"], record["explanations"], strict=True):
-                    heat = e["maps"][i]
-                    if heat.ndim == 3:  # input gradient (3, H, W): deprocessed image
-                        raw = resize(np.ascontiguousarray(heat.transpose(1, 2, 0)), width, height)
+                    raw = heatmap_at_size(e["maps"][i], width, height)
+                    if raw.ndim == 3:  # input gradient (H, W, 3): deprocessed image
                         picture = gradient_image(raw)
                     else:
-                        raw = np.clip(resize(heat, width, height), 0.0, 1.0)
                         picture = overlay(entry.image, raw, options.colormap, options.alpha)
+                    panels.append((picture, meta))
+                    if options.grid_only:
+                        continue
                     atomic_write(folder / meta["overlay"], encode_image(picture, options.overlay_format))
                     if meta["heatmap"]:
                         atomic_write(folder / meta["heatmap"], npy_bytes(raw.astype(np.float32)))
-            atomic_write(json_path, json_bytes(record))
+                if options.grid or options.grid_only:
+                    grid = _grid(entry.image, record, panels, len(self.explainer.methods), options.panel_size)
+                    atomic_write(folder / f"{Path(entry.item.key).name}.grid.png", encode_image(grid))
+            if not options.grid_only:
+                atomic_write(json_path, json_bytes(record))
 
         return write
 
@@ -296,6 +312,22 @@ class ExplainRun:
             summary.errors.append(message)
             report_error(message)
         return remaining
+
+
+def _grid(
+    image: np.ndarray, record: dict[str, Any], panels: list[tuple[np.ndarray, dict[str, Any]]], per_rank: int, size: int
+) -> np.ndarray:
+    """The comparison grid: the image, then one row per target rank with one panel per method."""
+    top = record["predictions"][0]
+    original = (image, "original", f"top-1: {top['label']} {top['score']:.1%}")
+    rows: list[list[Any]] = []
+    for start in range(0, len(panels), per_rank):
+        row: list[Any] = [original if not rows else None]
+        for picture, meta in panels[start : start + per_rank]:
+            target = meta["target"]
+            row.append((picture, meta["method"], f"{target['label']} {target['score']:.1%}"))
+        rows.append(row)
+    return comparison_grid(rows, size)
 
 
 def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:

@@ -36,6 +36,14 @@ def resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+def heatmap_at_size(heat: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A model-resolution map at the image's size, as written to `.npy`: a CAM (h, w) in
+    [0, 1] -> (H, W) clipped to [0, 1]; an input gradient (3, h, w) -> raw (H, W, 3)."""
+    if heat.ndim == 3:
+        return resize(np.ascontiguousarray(heat.transpose(1, 2, 0)), width, height)
+    return np.clip(resize(heat, width, height), 0.0, 1.0)
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
     """Blend a [0, 1] heatmap of the image's size over an RGB uint8 image.
 
@@ -54,3 +62,61 @@ def gradient_image(gradient: np.ndarray) -> np.ndarray:
     g = gradient.astype(np.float32)
     g = (g - g.mean()) / (g.std() + 1e-5) * 0.1 + 0.5
     return np.clip(np.rint(g * 255.0), 0, 255).astype(np.uint8)
+
+
+# --- comparison grids -------------------------------------------------------------------------
+
+GRID_PAD = 6  # white gutter between and around panels, in pixels
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def title_height(panel_height: int) -> int:
+    """Height of the two-line title bar above each panel (scales with the panel)."""
+    return max(24, round(panel_height * 0.2))
+
+
+def grid_size(rows: int, columns: int, panel_width: int, panel_height: int) -> tuple[int, int]:
+    """(width, height) of a grid of `rows` x `columns` titled panels."""
+    width = columns * panel_width + (columns + 1) * GRID_PAD
+    height = rows * (title_height(panel_height) + panel_height) + (rows + 1) * GRID_PAD
+    return width, height
+
+
+def panel_width(image_width: int, image_height: int, panel_height: int) -> int:
+    return max(1, round(image_width * panel_height / image_height))
+
+
+def comparison_grid(cells: list[list[tuple[np.ndarray, str, str] | None]], panel_height: int = 224) -> np.ndarray:
+    """Lay out titled panels (picture, title line, subtitle line) row by row, like the
+    side-by-side figures of the CAM papers; ``None`` leaves a cell blank. Every picture
+    of one grid has the same aspect ratio (the image's), so panels share one width."""
+    first = next(cell for row in cells for cell in row if cell is not None)
+    height, width = first[0].shape[:2]
+    pw = panel_width(width, height, panel_height)
+    columns = max(len(row) for row in cells)
+    grid_w, grid_h = grid_size(len(cells), columns, pw, panel_height)
+    grid = np.full((grid_h, grid_w, 3), 255, dtype=np.uint8)
+    th = title_height(panel_height)
+    for r, row in enumerate(cells):
+        for c, cell in enumerate(row):
+            if cell is None:
+                continue
+            picture, title, subtitle = cell
+            x = GRID_PAD + c * (pw + GRID_PAD)
+            y = GRID_PAD + r * (th + panel_height + GRID_PAD)
+            _put_text(grid, title, x, y + round(th * 0.42), pw, th, bold=True)
+            _put_text(grid, subtitle, x, y + round(th * 0.85), pw, th, bold=False)
+            grid[y + th : y + th + panel_height, x : x + pw] = resize(picture, pw, panel_height)
+    return grid
+
+
+def _put_text(grid: np.ndarray, text: str, x: int, baseline: int, width: int, bar: int, bold: bool) -> None:
+    """Draw one line (ASCII; others as '?'), shrunk then cut with '...' to fit the panel."""
+    text = text.encode("ascii", "replace").decode()
+    scale = bar / 60.0
+    thickness = 2 if bold and bar >= 40 else 1
+    while cv2.getTextSize(text, _FONT, scale, thickness)[0][0] > width and scale > bar / 110.0:
+        scale *= 0.9
+    while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, thickness)[0][0] > width:
+        text = text[:-4] + "..." if len(text) > 4 else text[:-1]
+    cv2.putText(grid, text, (x, baseline), _FONT, scale, (0, 0, 0), thickness, cv2.LINE_AA)

@@ -19,3 +19,50 @@ def samples_dir() -> Path:
 @pytest.fixture(scope="session")
 def sample_labels() -> dict[str, dict[str, Any]]:
     return {entry["file"]: entry for entry in json.loads((SAMPLES / "labels.json").read_text())}
+
+
+# --- every JSON camcli writes follows the shipped schema ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def validate_record():
+    """Call with a per-image record (dict): raises jsonschema.ValidationError if it breaks the schema."""
+    import jsonschema
+
+    from camcli.schema import image_record_schema
+
+    validator = jsonschema.Draft202012Validator(image_record_schema())
+
+    def validate(record: dict[str, Any]) -> None:
+        validator.validate(record)
+
+    return validate
+
+
+def _written_records(base: Path, since_ns: int) -> list[tuple[Path, dict[str, Any]]]:
+    records = []
+    for path in base.rglob("*.json"):
+        if path.stat().st_mtime_ns < since_ns:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a test's own broken file, not camcli's
+        if isinstance(record, dict) and "schema_version" in record:
+            records.append((path, record))
+    return records
+
+
+@pytest.fixture(autouse=True)
+def _written_json_follows_schema(request, tmp_path_factory, validate_record):
+    """After each test, validate every per-image JSON written under pytest's temp folders
+    during it, whatever command or API wrote it."""
+    import time
+
+    start = time.time_ns() - 1_000_000  # file systems round mtimes
+    yield
+    for path, record in _written_records(tmp_path_factory.getbasetemp(), start):
+        try:
+            validate_record(record)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file's name
+            pytest.fail(f"{path} does not follow camcli's JSON schema: {exc}")

@@ -28,6 +28,11 @@ def list_methods() -> list[str]:
     return list(_REGISTRY)
 
 
+def method_classes() -> list[type[Method]]:
+    """The registered method classes (their metadata), in registration order."""
+    return list(_REGISTRY.values())
+
+
 def get_method(name: str) -> Method:
     """An instance of the method called `name`, or a usage error with suggestions."""
     try:
@@ -63,6 +68,7 @@ __all__ = [
     "Method",
     "get_method",
     "list_methods",
+    "method_classes",
     "parse_methods",
     "register",
 ]

@@ -1,0 +1,168 @@
+"""The Python API: the CLI's engine for code and notebooks.
+
+    from camcli import explain, load_model, list_methods
+
+    model = load_model("resnet50", weights="IMAGENET1K_V2")
+    results = explain(["cat.jpg", pil_image, rgb_array], methods="gradcam,scorecam", model=model)
+    heat = results[0].heatmap("gradcam")  # float32 (H, W) in [0, 1], at the image's size
+
+Images go through exactly what `camcli explain` does to a file (`pipeline.preprocess`,
+`engine.Explainer`, `render.heatmap_at_size`), so a heatmap here equals the `.npy`
+that `--save-heatmap` writes for the same image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from camcli.engine import Explainer, parse_target, resolve_device
+from camcli.errors import UsageError
+from camcli.io import decode_image
+from camcli.methods import list_methods, parse_methods
+from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layer
+from camcli.pipeline import _to_numpy, preprocess
+from camcli.render import heatmap_at_size
+
+__all__ = ["Explanation", "ImageResult", "Prediction", "explain", "list_methods", "load_model"]
+
+#: A path, an RGB array (H, W, 3) uint8 or float in [0, 1], a PIL image, or a tensor
+#: (3, H, W) uint8 or float in [0, 1] (torchvision's layout).
+ImageLike = str | os.PathLike | np.ndarray | torch.Tensor | Any
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float  # softmax probability
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One method's map for one target, as in the JSON's ``explanations`` plus the array."""
+
+    method: str
+    layer: str | None  # None for input-gradient methods
+    target: Prediction
+    heatmap: np.ndarray  # float32: (H, W) in [0, 1] for CAMs, raw (H, W, 3) for input gradients
+    flat: bool  # the map had no variation (then all zeros)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image: np.ndarray  # the RGB uint8 image that was explained
+    predictions: list[Prediction]  # top-5, best first
+    explanations: list[Explanation]  # method by method, target rank by rank
+
+    def heatmap(self, method: str, target: int | None = None) -> np.ndarray:
+        """The map of `method` (for class `target`, by default the first one explained)."""
+        for e in self.explanations:
+            if e.method == method and (target is None or e.target.index == target):
+                return e.heatmap
+        raise KeyError(f"no {method!r} explanation" + (f" for class {target}" if target is not None else ""))
+
+
+def explain(
+    images: ImageLike | Sequence[ImageLike],
+    methods: str | Sequence[str] = "gradcam",
+    *,
+    model: str | LoadedModel = DEFAULT_MODEL,
+    weights: str | None = None,
+    layer: str = "auto",
+    target: int | str | None = None,
+    topk: int | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    chunk_size: int = 32,
+    labels: str | Path | Sequence[str] | None = None,
+) -> list[ImageResult]:
+    """Explain images with one or more methods; one `ImageResult` per image, in order.
+
+    `images` is one image or a sequence (a 4-D array or tensor is a batch). `model`
+    is a `--model` name or a `load_model` result (reuse it across calls: loading costs
+    more than explaining a few images); `weights`, `labels` apply to a name only.
+    `target` (a class index or name) and `topk` work as `--target` and `--topk`.
+    Errors are `camcli.errors.CamcliError`s with the CLI's messages.
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
+    torch_device = resolve_device(device)
+    loaded.model.to(torch_device)
+    info = resolve_layer(loaded.model, layer, loaded.input, torch_device)
+    check_labels(loaded, info.num_classes, "labels")
+    spec = methods if isinstance(methods, str) else ",".join(methods)
+    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size)
+    target_spec = parse_target(None if target is None else str(target), topk, loaded.categories, info.num_classes)
+    rgb = [_as_rgb(image) for image in _as_list(images)]
+    results: list[ImageResult] = []
+    for start in range(0, len(rgb), batch_size):
+        chunk = rgb[start : start + batch_size]
+        batch = torch.stack([preprocess(image, loaded.input) for image in chunk]).to(torch_device)
+        arrays = _to_numpy(explainer.explain(batch, target_spec))
+        for i, image in enumerate(chunk):
+            results.append(_result(image, arrays, i, loaded))
+    return results
+
+
+def _result(image: np.ndarray, arrays: dict[str, Any], i: int, loaded: LoadedModel) -> ImageResult:
+    height, width = image.shape[:2]
+    predictions = [
+        Prediction(int(c), loaded.label(int(c)), float(s))
+        for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
+    ]
+    explanations = []
+    for e in arrays["explanations"]:
+        index = int(e["targets"][i])
+        explanations.append(
+            Explanation(
+                method=e["method"],
+                layer=e["layer"],
+                target=Prediction(index, loaded.label(index), float(e["scores"][i])),
+                heatmap=heatmap_at_size(e["maps"][i], width, height).astype(np.float32),
+                flat=bool(e["flat"][i]),
+            )
+        )
+    return ImageResult(image, predictions, explanations)
+
+
+def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[Any]:
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)) or _is_pil(images):
+        return [images]
+    return list(images)
+
+
+def _is_pil(obj: Any) -> bool:
+    return type(obj).__module__.startswith("PIL.")
+
+
+def _as_rgb(image: ImageLike) -> np.ndarray:
+    """Any accepted image as RGB uint8 (H, W, 3), the form the CLI decodes files to."""
+    if isinstance(image, (str, os.PathLike)):
+        return decode_image(Path(image))
+    if _is_pil(image):
+        return np.array(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = image.permute(1, 2, 0)  # (C, H, W) -> (H, W, C)
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise UsageError(f"cannot explain a {type(image).__name__}: give a path, an array, a PIL image or a tensor")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise UsageError(f"an image array must be (H, W), (H, W, 3) or (3, H, W), not {image.shape}")
+    if image.dtype != np.uint8:
+        if not np.issubdtype(image.dtype, np.floating):
+            raise UsageError(f"image arrays must be uint8 or float in [0, 1], not {image.dtype}")
+        image = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image[:, :, :3])

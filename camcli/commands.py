@@ -1,0 +1,259 @@
+"""What the discovery commands print: `camcli methods`, `models`, `layers`, `version`.
+
+Each command has one function that gathers the facts as plain data (what `--json`
+prints) and one that formats them for a terminal; the CLI only picks between them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from camcli import __version__
+from camcli.methods import method_classes
+from camcli.models import (
+    _UNSUPPORTED,
+    DEFAULT_MODEL,
+    TIMM_PREFIX,
+    InputSpec,
+    resolve_layer,
+    timm_available,
+    timm_cached_weights,
+    torchvision_model_names,
+    trace_forward,
+)
+
+# --- methods ----------------------------------------------------------------------------------
+
+
+def method_rows() -> list[dict[str, Any]]:
+    """Every registered method's metadata (methods added later appear by registering)."""
+    return [
+        {
+            "name": cls.name,
+            "title": cls.title,
+            "paper": cls.paper,
+            "url": cls.url,
+            "needs": cls.needs,
+            "cost": cls.cost,
+            "in_all": cls.in_all,
+        }
+        for cls in method_classes()
+    ]
+
+
+def short_paper(paper: str) -> str:
+    """'Zhou, Khosla, ..., CVPR 2016' -> 'Zhou et al., CVPR 2016'."""
+    parts = [p.strip() for p in paper.split(",")]
+    if len(parts) <= 2:
+        return paper
+    authors, venue = parts[:-1], parts[-1]
+    lead = authors[0] if len(authors) == 1 else f"{authors[0]} et al."
+    return f"{lead}, {venue}"
+
+
+def format_methods(rows: list[dict[str, Any]]) -> str:
+    table = [
+        (r["name"] + ("" if r["in_all"] else " (not in all)"), short_paper(r["paper"]), r["needs"], r["cost"])
+        for r in rows
+    ]
+    return _table(("method", "paper", "needs", "cost"), table)
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelEntry:
+    name: str  # what --model takes
+    source: str  # embedded | torchvision | timm
+    weights: list[dict[str, Any]] = field(default_factory=list)  # {name, default, cached}
+    note: str | None = None
+
+
+def _checkpoint_cached(url: str) -> bool:
+    return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)).is_file()
+
+
+def model_entries(pattern: str | None = None) -> list[ModelEntry]:
+    """The models `--model` accepts, filtered by a glob on the name (like torchvision's
+    `list_models(include=...)`); cache status is read from disk, nothing is downloaded."""
+    import torchvision
+
+    def wanted(name: str, prefix: str = "") -> bool:
+        return pattern is None or fnmatch.fnmatch(name, pattern) or (prefix and fnmatch.fnmatch(prefix + name, pattern))
+
+    entries = []
+    if wanted(DEFAULT_MODEL):
+        entries.append(ModelEntry(DEFAULT_MODEL, "embedded", [{"name": "IMAGENET1K", "default": True, "cached": True}]))
+    for name in torchvision_model_names():
+        if not wanted(name):
+            continue
+        enum = torchvision.models.get_model_weights(name)
+        default = enum.DEFAULT
+        weights = [
+            {"name": member.name, "default": member is default, "cached": _checkpoint_cached(member.url)}
+            for member in enum
+        ]
+        note = "not supported yet (vision transformer)" if name.startswith(_UNSUPPORTED) else None
+        entries.append(ModelEntry(name, "torchvision", weights, note))
+    if timm_available():
+        import timm
+
+        tags: dict[str, list[str]] = {}
+        for pretrained in timm.list_pretrained():  # "arch.tag": --model timm:arch.tag picks one
+            arch, _, tag = pretrained.partition(".")
+            tags.setdefault(arch, []).append(tag)
+        for name in timm.list_models():
+            if not wanted(name, TIMM_PREFIX):
+                continue
+            cfg = timm.models.get_pretrained_cfg(name)
+            default = cfg.tag if cfg is not None else None
+            weights = [
+                {"name": tag, "default": tag == default, "cached": timm_cached_weights(f"{name}.{tag}") is not None}
+                for tag in tags.get(name, [])
+            ]
+            entries.append(ModelEntry(TIMM_PREFIX + name, "timm", weights))
+    return entries
+
+
+def format_models(entries: list[ModelEntry]) -> str:
+    rows = []
+    for entry in entries:
+        names = [w["name"] + ("*" if w["default"] and len(entry.weights) > 1 else "") for w in entry.weights]
+        cached = [w["name"] for w in entry.weights if w["cached"]]
+        cache = "bundled" if entry.source == "embedded" else (", ".join(cached) if cached else "-")
+        rows.append((entry.name, entry.source, " ".join(names), cache, entry.note or ""))
+    footer = (
+        "\n* = DEFAULT (timm: --model timm:NAME.TAG picks a tag); cached = already on this machine\n"
+        "(torchvision: $TORCH_HOME/hub/checkpoints, timm: its Hugging Face or torch hub cache).\n"
+        "Every model also takes --weights none or a weights file."
+    )
+    if not timm_available():
+        footer += "\ntimm models are listed when timm is installed (pip install 'camcli[timm]')."
+    return _table(("model", "source", "weights", "cached", ""), rows) + footer
+
+
+def models_json(entries: list[ModelEntry]) -> list[dict[str, Any]]:
+    return [asdict(entry) for entry in entries]
+
+
+# --- layers -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerRow:
+    name: str  # dotted module name, what --layer takes
+    type: str
+    depth: int
+    shape: list[int] | None  # output of the last call; None: not called or not one tensor
+    calls: int
+    auto: bool  # the layer `--layer auto` picks
+
+
+def layer_rows(model: nn.Module, spec: InputSpec, device: torch.device) -> tuple[list[LayerRow], str, list[int]]:
+    """Every named module with its output shape from one dry forward, and the auto layer.
+
+    The same trace feeds `resolve_layer`, so the marked layer is the one `explain` uses.
+    """
+    trace = trace_forward(model, spec, device)
+    auto = resolve_layer(model, "auto", spec, device, trace=trace).name
+    shapes: dict[str, list[int]] = {}
+    calls: dict[str, int] = {}
+    for name, output, _ in trace.calls:
+        shapes[name] = list(output.shape)
+        calls[name] = calls.get(name, 0) + 1
+    rows = [
+        LayerRow(name, type(module).__name__, name.count("."), shapes.get(name), calls.get(name, 0), name == auto)
+        for name, module in model.named_modules()
+        if name
+    ]
+    return rows, auto, list(trace.logits.shape)
+
+
+def format_layers(
+    rows: list[LayerRow], auto: str, logits: list[int], model_name: str, max_depth: int | None = None
+) -> str:
+    shown = [r for r in rows if max_depth is None or r.depth < max_depth or r.auto]
+    width = max((2 * r.depth + len(r.name) for r in shown), default=10)
+    type_width = max((len(r.type) for r in shown), default=4)
+    lines = [f"{model_name}: logits {_shape(logits)}; --layer auto = {auto}"]
+    for r in shown:
+        shape = _shape(r.shape) if r.shape is not None else "-"
+        repeat = f" x{r.calls}" if r.calls > 1 else ""
+        mark = "  <- auto" if r.auto else ""
+        lines.append(f"{'  ' * r.depth + r.name:<{width}}  {r.type:<{type_width}}  {shape}{repeat}{mark}")
+    return "\n".join(lines)
+
+
+def _shape(shape: list[int]) -> str:
+    return "(" + ", ".join(str(v) for v in shape) + ")"
+
+
+# --- version ----------------------------------------------------------------------------------
+
+
+def version_info() -> dict[str, Any]:
+    """Versions of what camcli runs on, and the devices `--device auto` could use."""
+    import cv2
+    import torchvision
+
+    info: dict[str, Any] = {
+        "camcli": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "opencv": cv2.__version__,
+        "numpy": __import__("numpy").__version__,
+        "timm": None,
+        "cuda": None,
+        "cuda_devices": [],
+        "mps": bool(torch.backends.mps.is_available()),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if timm_available():
+        import timm
+
+        info["timm"] = timm.__version__
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def format_version(info: dict[str, Any]) -> str:
+    devices = ", ".join(f"cuda:{i} {name}" for i, name in enumerate(info["cuda_devices"]))
+    auto = "cuda" if info["cuda_devices"] else "mps" if info["mps"] else "cpu"
+    rows = [
+        ("camcli", info["camcli"]),
+        ("python", f"{info['python']} ({sys.executable})"),
+        ("platform", info["platform"]),
+        ("torch", info["torch"] + (f" (CUDA {info['cuda']})" if info["cuda"] else "")),
+        ("torchvision", info["torchvision"]),
+        ("opencv", info["opencv"]),
+        ("numpy", info["numpy"]),
+        ("timm", info["timm"] or "not installed"),
+        ("devices", f"cpu ({info['cpu_threads']} threads)" + (f", {devices}" if devices else "")),
+        ("mps", "available" if info["mps"] else "no"),
+        ("--device auto", auto),
+    ]
+    return "\n".join(f"{key:<14}{value}" for key, value in rows)
+
+
+# --- shared -----------------------------------------------------------------------------------
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    return "\n".join(lines)
