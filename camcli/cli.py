@@ -15,18 +15,36 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from camcli import __version__
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
-from camcli.io import check_writable, collect_inputs
+from camcli.io import DEFAULT_MAX_PIXELS, check_writable, collect_inputs
 from camcli.methods import parse_methods
 from camcli.models import DEFAULT_MODEL, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
 
+stderr = Console(stderr=True, highlight=False)
+
+# click's UsageError as raised by the click typer runs on (recent typer vendors its own copy)
+_CLICK_USAGE_ERROR: type[Exception] = typer.BadParameter.__base__
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's own usage errors (a bad option value, an unknown option) as one line and
+    exit 2, like camcli's, instead of a usage block and a box."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _CLICK_USAGE_ERROR as exc:
+            stderr.print(f"camcli: error: {exc.format_message()}", markup=False, soft_wrap=True)
+            raise typer.Exit(ExitCode.USAGE) from None
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="See where a CNN image classifier looks: heatmap overlays and JSON for images and folders.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-stderr = Console(stderr=True, highlight=False)
 
 
 def _versions() -> str:
@@ -101,6 +119,9 @@ def explain(
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
+    max_pixels: Annotated[
+        int, typer.Option("--max-pixels", min=1, help="Refuse larger images from their header (decompression bombs).")
+    ] = DEFAULT_MAX_PIXELS,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
@@ -125,7 +146,7 @@ def _explain(**opts: Any) -> int:
     methods = parse_methods(opts["method"])
     device = resolve_device(opts["device"])
     stdin = sys.stdin if "-" in opts["inputs"] else None
-    items = collect_inputs(opts["inputs"], stdin)
+    items = collect_inputs(opts["inputs"], stdin, warn=lambda line: stderr.print(f"camcli: {line}", markup=False))
     check_writable(opts["out"])
     loaded = load_model(
         opts["model"],
@@ -159,6 +180,7 @@ def _explain(**opts: Any) -> int:
         save_heatmap=opts["save_heatmap"],
         overwrite=opts["overwrite"],
         workers=opts["workers"],
+        max_pixels=opts["max_pixels"],
     )
     run = ExplainRun(loaded, explainer, target, device, options, request)
 
@@ -181,12 +203,17 @@ def _explain(**opts: Any) -> int:
     ) as progress:
         task = progress.add_task("explaining", total=len(items))
         summary = run.run(items, emit, report_error, lambda n: progress.advance(task, n))
-    if not opts["quiet"]:
+    if not opts["quiet"] or summary.interrupted:
+        stopped = ""
+        if summary.interrupted:
+            stopped = f"interrupted, {len(items) - summary.done - summary.skipped - summary.failed} not started; "
         stderr.print(
-            f"camcli: {summary.done} explained, {summary.skipped} already done, "
+            f"camcli: {stopped}{summary.done} explained, {summary.skipped} already done, "
             f"{summary.failed} failed -> {opts['out']}",
             markup=False,
         )
+    if summary.interrupted:
+        return ExitCode.INTERRUPTED
     return ExitCode.IMAGE_FAILED if summary.failed else ExitCode.OK
 
 
