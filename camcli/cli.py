@@ -146,7 +146,9 @@ def _explain(**opts: Any) -> int:
     methods = parse_methods(opts["method"])
     device = resolve_device(opts["device"])
     stdin = sys.stdin if "-" in opts["inputs"] else None
-    items = collect_inputs(opts["inputs"], stdin, warn=lambda line: stderr.print(f"camcli: {line}", markup=False))
+    items = collect_inputs(
+        opts["inputs"], stdin, warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True)
+    )
     check_writable(opts["out"])
     loaded = load_model(
         opts["model"],
@@ -160,7 +162,7 @@ def _explain(**opts: Any) -> int:
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
     explainer = Explainer(loaded.model, layer, methods, chunk_size=opts["chunk_size"])
     if not items:
-        stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False)
+        stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
         return ExitCode.IMAGE_FAILED
     request = {
         "model": loaded.name,
@@ -211,6 +213,7 @@ def _explain(**opts: Any) -> int:
             f"camcli: {stopped}{summary.done} explained, {summary.skipped} already done, "
             f"{summary.failed} failed -> {opts['out']}",
             markup=False,
+            soft_wrap=True,
         )
     if summary.interrupted:
         return ExitCode.INTERRUPTED

@@ -13,7 +13,9 @@ import json
 import os
 import re
 import stat
+import struct
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -42,6 +44,7 @@ DEFAULT_MAX_PIXELS = 178_956_970
 Image.MAX_IMAGE_PIXELS = None
 
 _JPEG_END = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,8 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
         )
     if header.format == "JPEG" and not data.rstrip(b"\0").endswith(_JPEG_END):
         return _decode_with_pillow(header)
+    if header.format == "PNG":
+        _check_png_chunks(data)
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if bgr is None or bgr.size == 0:
         return _decode_with_pillow(header)
@@ -177,8 +182,8 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
 
 def _read_regular_file(path: Path) -> bytes:
     """The file's bytes; a FIFO or device named like an image would block or never end."""
-    try:
-        with open(path, "rb") as handle:
+    try:  # non-blocking open: opening a FIFO for reading would wait for a writer
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise ImageError("not a regular file")
             data = handle.read()
@@ -187,6 +192,24 @@ def _read_regular_file(path: Path) -> bytes:
     if not data:
         raise ImageError("empty file")
     return data
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG whose chunk checksums are wrong, before libpng prints its own error
+    line to stderr. A truncated file is left to the decoders, which name it."""
+    position = len(_PNG_SIGNATURE)
+    while position + 12 <= len(data):
+        (length,) = struct.unpack_from(">I", data, position)
+        end = position + 8 + length
+        if end + 4 > len(data):
+            return
+        kind = data[position + 4 : position + 8]
+        (expected,) = struct.unpack_from(">I", data, end)
+        if zlib.crc32(data[position + 4 : end]) != expected:
+            raise ImageError(f"corrupt PNG file: bad checksum in its {kind.decode('latin-1')} chunk")
+        if kind == b"IEND":
+            return
+        position = end + 4
 
 
 def _decode_with_pillow(image: Image.Image) -> np.ndarray:
@@ -199,7 +222,7 @@ def _decode_with_pillow(image: Image.Image) -> np.ndarray:
         if image.mode.startswith("I;16"):  # convert() would clip 16-bit values, not scale them
             gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
             return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy, for torch.from_numpy
     except Exception as exc:  # noqa: BLE001 - a broken file is one line, whatever the decoder raised
         reason = str(exc).strip() or type(exc).__name__
         raise ImageError(f"corrupt {kind} file: {reason}") from None
