@@ -312,7 +312,10 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
     ignored, as under nohup) Ctrl-C keeps its meaning.
     """
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
+        signal.SIG_IGN,
+        None,  # a handler set outside Python: leave it alone
+    ):
         yield stop
         return
 

@@ -405,3 +405,20 @@ def test_factory_that_raises_is_one_line_naming_it(tmp_path) -> None:
     assert result.stderr.strip().splitlines() == [
         "camcli: error: --model tiny_models:broken: the factory raised ValueError: checkpoint config missing"
     ]
+
+
+def test_outputs_never_escape_out(tmp_path, monkeypatch) -> None:
+    """Absolute paths, `..` and stdin paths all map inside --out."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    image = write(tmp_path / "a", "x.png", VALID["good.png"])
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    items = collect_inputs(["-"], [f"{image}\n", "../x.png\n", "../../a/./x.png\n"])
+    assert len(items) == 1, "the same file three ways is one input"
+    assert items[0].key == str(image).lstrip("/")
+    (item,) = collect_inputs(["-"], ["../../a/x.png"])
+    assert item.key == "__/__/a/x.png"
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["explain", "-", "-o", str(out), *TINY], input="../x.png\n")
+    assert result.exit_code == 0, result.output
+    written = [p for p in tmp_path.rglob("*.json")]
+    assert written == [out / "__" / "x.png.json"]
