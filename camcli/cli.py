@@ -15,11 +15,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from camcli import __version__
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
-from camcli.io import DEFAULT_MAX_PIXELS, check_writable, collect_inputs
+from camcli.io import DEFAULT_MAX_PIXELS, OVERLAY_FORMATS, check_writable, collect_inputs
 from camcli.methods import parse_methods
 from camcli.models import DEFAULT_MODEL, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
+from camcli.report import write_report
 
 stderr = Console(stderr=True, highlight=False)
 
@@ -108,6 +109,9 @@ def explain(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("camcli-out"),
     colormap: Annotated[str, typer.Option("--colormap", help=f"One of {', '.join(COLORMAPS)}.")] = "jet",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
+    overlay_format: Annotated[
+        str, typer.Option("--overlay-format", help=f"Overlay file format: {', '.join(OVERLAY_FORMATS)}.")
+    ] = "png",
     save_heatmap: Annotated[
         bool, typer.Option("--save-heatmap", help="Also write float32 .npy maps at the image's size.")
     ] = False,
@@ -122,6 +126,7 @@ def explain(
     max_pixels: Annotated[
         int, typer.Option("--max-pixels", min=1, help="Refuse larger images from their header (decompression bombs).")
     ] = DEFAULT_MAX_PIXELS,
+    report: Annotated[bool, typer.Option("--report", help="Then write OUT/index.html (`camcli report`).")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
@@ -141,6 +146,8 @@ def explain(
 def _explain(**opts: Any) -> int:
     if opts["colormap"] not in COLORMAPS:
         raise UsageError(f"unknown colormap {opts['colormap']!r}; use one of {', '.join(COLORMAPS)}")
+    if opts["overlay_format"] not in OVERLAY_FORMATS:
+        raise UsageError(f"unknown overlay format {opts['overlay_format']!r}; use one of {', '.join(OVERLAY_FORMATS)}")
     if opts["target"] is not None and opts["topk"] is not None:
         raise UsageError("--target and --topk exclude each other")
     methods = parse_methods(opts["method"])
@@ -173,6 +180,7 @@ def _explain(**opts: Any) -> int:
         "topk": opts["topk"] or 1,
         "input": loaded.input.to_json(),
         "heatmap": opts["save_heatmap"],
+        "overlay_format": opts["overlay_format"],
     }
     options = RunOptions(
         out_dir=opts["out"],
@@ -181,6 +189,7 @@ def _explain(**opts: Any) -> int:
         alpha=opts["alpha"],
         save_heatmap=opts["save_heatmap"],
         overwrite=opts["overwrite"],
+        overlay_format=opts["overlay_format"],
         workers=opts["workers"],
         max_pixels=opts["max_pixels"],
     )
@@ -217,7 +226,64 @@ def _explain(**opts: Any) -> int:
         )
     if summary.interrupted:
         return ExitCode.INTERRUPTED
-    return ExitCode.IMAGE_FAILED if summary.failed else ExitCode.OK
+    report_ok = _write_report(opts["out"], None, opts["quiet"]) if opts["report"] else True
+    return ExitCode.IMAGE_FAILED if summary.failed or not report_ok else ExitCode.OK
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="An output folder of `camcli explain`.")],
+    labels_expected: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels-expected", help="JSON {image: expected class name or index}; marks images whose top-1 differs."
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Write OUT/index.html: every image's thumbnail, top-5 and overlays on one static page."""
+    try:
+        ok = _write_report(out, labels_expected, quiet)
+    except CamcliError as exc:
+        if debug:
+            raise
+        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        stderr.print("camcli: interrupted", markup=False)
+        raise typer.Exit(ExitCode.INTERRUPTED) from None
+    typer.echo(out / "index.html")
+    raise typer.Exit(ExitCode.OK if ok else ExitCode.IMAGE_FAILED)
+
+
+def _write_report(out: Path, labels_expected: Path | None, quiet: bool) -> bool:
+    """Write the report with a progress bar over the thumbnails; False if a file was unusable."""
+    show_progress = stderr.is_terminal and not quiet and not os.environ.get("CI")
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=stderr,
+        disable=not show_progress,
+    ) as progress:
+        task = progress.add_task("thumbnails", total=None)
+        summary = write_report(
+            out,
+            labels_expected,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            report_problem=lambda message: stderr.print(f"camcli: {message}", markup=False, soft_wrap=True),
+        )
+    if not quiet:
+        mismatched = f", {summary.mismatched} not the expected class" if labels_expected is not None else ""
+        unmatched = f" ({summary.unmatched_labels} expected labels named no image)" if summary.unmatched_labels else ""
+        stderr.print(
+            f"camcli: report of {summary.images} images ({summary.failed} failed, {summary.warned} with warnings"
+            f"{mismatched}){unmatched} -> {summary.path}",
+            markup=False,
+            soft_wrap=True,
+        )
+    return not summary.problems
 
 
 def main() -> None:

@@ -272,12 +272,22 @@ def _owned_by(output_name: str, image_names: set[str]) -> bool:
     return any(".".join(parts[:i]) in image_names for i in range(1, len(parts)))
 
 
-def encode_image(rgb: np.ndarray, suffix: str = ".png") -> bytes:
-    """PNG (fast compression level 1) or JPEG bytes of an RGB uint8 image."""
-    params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if suffix == ".png" else [cv2.IMWRITE_JPEG_QUALITY, 92]
-    ok, buffer = cv2.imencode(suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+OVERLAY_FORMATS = {
+    # PNG level 1: ~20 ms for 640x480 against ~35 ms at cv2's default level, files ~10% larger.
+    "png": [cv2.IMWRITE_PNG_COMPRESSION, 1],
+    "jpg": [cv2.IMWRITE_JPEG_QUALITY, 92],
+    "webp": [cv2.IMWRITE_WEBP_QUALITY, 90],
+}
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int | None = None) -> bytes:
+    """PNG, JPEG or WebP bytes (see OVERLAY_FORMATS) of an RGB uint8 image; `quality`
+    overrides the JPEG/WebP default (thumbnails)."""
+    flag, value = OVERLAY_FORMATS[fmt]
+    params = [flag, value if quality is None or fmt == "png" else quality]
+    ok, buffer = cv2.imencode(f".{fmt}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
-        raise OSError(f"could not encode {suffix}")
+        raise OSError(f"could not encode {fmt}")
     return buffer.tobytes()
 
 

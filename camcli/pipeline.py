@@ -50,6 +50,7 @@ class RunOptions:
     alpha: float = 0.5
     save_heatmap: bool = False
     overwrite: bool = False
+    overlay_format: str = "png"  # a key of camcli.io.OVERLAY_FORMATS
     workers: int = 2  # decode threads: cv2 and torch release the GIL
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header
 
@@ -246,7 +247,7 @@ class ExplainRun:
                     "method": e["method"],
                     "layer": e["layer"],
                     "target": {"index": index, "label": loaded.label(index), "score": float(e["scores"][i])},
-                    "overlay": f"{stem}.png",
+                    "overlay": f"{stem}.{self.options.overlay_format}",
                     "heatmap": f"{stem}.npy" if self.options.save_heatmap else None,
                     "warning": "flat map" if e["flat"][i] else None,
                 }
@@ -273,7 +274,7 @@ class ExplainRun:
                     else:
                         raw = np.clip(resize(heat, width, height), 0.0, 1.0)
                         picture = overlay(entry.image, raw, options.colormap, options.alpha)
-                    atomic_write(folder / meta["overlay"], encode_image(picture))
+                    atomic_write(folder / meta["overlay"], encode_image(picture, options.overlay_format))
                     if meta["heatmap"]:
                         atomic_write(folder / meta["heatmap"], npy_bytes(raw.astype(np.float32)))
             atomic_write(json_path, json_bytes(record))

@@ -37,11 +37,15 @@ def resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
-    """Blend a [0, 1] heatmap of the image's size over an RGB uint8 image."""
-    index = np.clip(np.rint(heat * 255.0), 0, 255).astype(np.uint8)
-    colours = colormap_lut(colormap)[index].astype(np.float32)
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    """Blend a [0, 1] heatmap of the image's size over an RGB uint8 image.
+
+    Three vectorised cv2 calls (quantise, look up, blend) that release the GIL, so the
+    writer thread renders while the model runs; each rounds to nearest like the float
+    formula rint((1 - alpha) * image + alpha * colour) of the definition.
+    """
+    index = cv2.convertScaleAbs(heat, alpha=255.0)  # rint + saturate to uint8
+    colours = cv2.applyColorMap(index, colormap_lut(colormap)[:, None])  # user LUT: stays RGB
+    return cv2.addWeighted(image, 1.0 - alpha, colours, alpha, 0.0)
 
 
 def gradient_image(gradient: np.ndarray) -> np.ndarray:

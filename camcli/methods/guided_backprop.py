@@ -9,6 +9,9 @@ not, module or functional); the engine refuses models with other activations.
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from camcli.methods import register
@@ -26,4 +29,8 @@ class GuidedBackprop(InputGradientMethod):
 
     @staticmethod
     def rectifier_backward(grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
-        return grad_out.clamp(min=0) * ((x > lo) & (x < hi))
+        """relu(grad_out) * 1[lo < x < hi], with aten's fused masks (3x fewer passes)."""
+        positive = grad_out.relu()
+        if math.isinf(hi):
+            return torch.ops.aten.threshold_backward(positive, x, lo)  # where x > lo
+        return torch.ops.aten.hardtanh_backward(positive, x, lo, hi)  # where lo < x < hi

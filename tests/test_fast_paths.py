@@ -1,0 +1,77 @@
+"""Speed-ups are exact: every fast path gives the result of its plain definition."""
+
+from __future__ import annotations
+
+import copy
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from camcli.cli import app
+from camcli.engine import Explainer, TargetSpec
+from camcli.io import OVERLAY_FORMATS
+from camcli.methods import parse_methods
+from camcli.models import InputSpec, resolve_layer
+from camcli.render import colormap_lut, overlay
+
+CPU = torch.device("cpu")
+GRADIENT_METHODS = "cam,gradcam,gradcam++,guided-backprop,guided-gradcam"
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "layer", "methods", "topk"),
+    [
+        ("resnet18", 64, "auto", GRADIENT_METHODS, 2),
+        ("mobilenet_v2", 64, "auto", GRADIENT_METHODS, 1),
+        ("resnet18", 32, "layer3", "scorecam", 1),  # 256 channels: 2 x 256 masked forwards
+    ],
+)
+def test_channels_last_changes_no_map(name: str, size: int, layer: str, methods: str, topk: int) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    spec = InputSpec(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    info = resolve_layer(model, layer, spec, CPU)
+    x = torch.randn(2, 3, size, size)
+    fast = Explainer(copy.deepcopy(model), info, parse_methods(methods), chunk_size=128, channels_last=True)
+    plain = Explainer(copy.deepcopy(model), info, parse_methods(methods), chunk_size=128, channels_last=False)
+    assert next(fast.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    ours, reference = fast.explain(x, TargetSpec(topk=topk)), plain.explain(x, TargetSpec(topk=topk))
+    torch.testing.assert_close(ours.logits, reference.logits, atol=1e-4, rtol=1e-4)
+    for a, b in zip(ours.explanations, reference.explanations, strict=True):
+        assert (a.method, a.rank) == (b.method, b.rank)
+        assert torch.equal(a.targets, b.targets)
+        scale = b.maps.abs().amax().clamp(min=1e-12)
+        torch.testing.assert_close(a.maps / scale, b.maps / scale, atol=1e-4, rtol=0, msg=a.method)
+
+
+@pytest.mark.parametrize("colormap", ["jet", "gray", "viridis"])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+def test_overlay_equals_the_float_blend(colormap: str, alpha: float) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    heat = rng.random((37, 53), dtype=np.float32)
+    heat[0, :3] = [0.0, 1.0, 0.5]
+    index = np.clip(np.rint(heat * 255.0), 0, 255).astype(np.uint8)
+    definition = (1.0 - alpha) * image + alpha * colormap_lut(colormap)[index].astype(np.float64)
+    ours = overlay(image, heat, colormap, alpha)
+    assert ours.dtype == np.uint8 and ours.shape == image.shape
+    assert np.abs(ours - definition).max() <= 0.5 + 1e-6  # rounding to nearest, ties either way
+
+
+@pytest.mark.parametrize("fmt", sorted(OVERLAY_FORMATS))
+def test_overlay_format(tmp_path, samples_dir, fmt: str) -> None:
+    image = samples_dir / "skimage_coffee.png"
+    args = ["explain", str(image), "-o", str(tmp_path), "-q", "--overlay-format", fmt]
+    args += ["--model", "resnet18", "--weights", "none", "--input-size", "64"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["skimage_coffee.png.gradcam." + fmt, "skimage_coffee.png.json"]
+    picture = cv2.imread(str(tmp_path / written[0]))
+    assert picture.shape == (400, 600, 3)
+    expected = {"png": b"\x89PNG", "jpg": b"\xff\xd8\xff", "webp": b"RIFF"}[fmt]
+    assert (tmp_path / written[0]).read_bytes().startswith(expected)
