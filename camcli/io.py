@@ -170,7 +170,7 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
             f"{width}x{height} image ({width * height:,} pixels) is over the {max_pixels:,}-pixel limit "
             "(a decompression bomb?); --max-pixels raises the limit"
         )
-    if header.format == "JPEG" and not data.rstrip(b"\0").endswith(_JPEG_END):
+    if header.format in ("JPEG", "MPO") and not data.rstrip(b"\0").endswith(_JPEG_END):
         return _decode_with_pillow(header)
     if header.format == "PNG":
         _check_png_chunks(data)

@@ -422,3 +422,13 @@ def test_outputs_never_escape_out(tmp_path, monkeypatch) -> None:
     assert result.exit_code == 0, result.output
     written = [p for p in tmp_path.rglob("*.json")]
     assert written == [out / "__" / "x.png.json"]
+
+
+def test_truncated_multi_picture_jpeg_from_a_camera_is_refused(tmp_path) -> None:
+    """Cameras and phones write MPO (JPEG + a second JPEG); Pillow names the format MPO."""
+    first = Image.fromarray(GOOD)
+    data = encoded(first, "MPO", quality=95, save_all=True, append_images=[Image.fromarray(255 - GOOD)])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert np.abs(decode_image(write(tmp_path, "mpo.jpg", data)).astype(int) - GOOD).mean() < 5
+    with pytest.raises(ImageError, match="corrupt MPO file: image file is truncated"):
+        decode_image(write(tmp_path, "cut.jpg", data[: len(data) // 4]))
