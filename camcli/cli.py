@@ -20,7 +20,7 @@ from camcli.boxes import load_boxes
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import summarise, table, write_summary
-from camcli.io import OVERLAY_FORMATS, atomic_write, check_writable, collect_inputs
+from camcli.io import DEFAULT_MAX_PIXELS, OVERLAY_FORMATS, atomic_write, check_writable, collect_inputs
 from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
 from camcli.models import DEFAULT_MODEL, check_labels, load_model, resolve_layer
@@ -30,12 +30,30 @@ from camcli.report import write_report
 from camcli.schema import schema_text
 from camcli.summary import SummaryTable
 
+stderr = Console(stderr=True, highlight=False)
+
+# click's UsageError as raised by the click typer runs on (recent typer vendors its own copy)
+_CLICK_USAGE_ERROR: type[Exception] = typer.BadParameter.__base__
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Click's own usage errors (a bad option value, an unknown option) as one line and
+    exit 2, like camcli's, instead of a usage block and a box."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _CLICK_USAGE_ERROR as exc:
+            stderr.print(f"camcli: error: {exc.format_message()}", markup=False, soft_wrap=True)
+            raise typer.Exit(ExitCode.USAGE) from None
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="See where a CNN image classifier looks: heatmap overlays and JSON for images and folders.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-stderr = Console(stderr=True, highlight=False)
 
 
 def _versions() -> str:
@@ -126,6 +144,9 @@ def explain(
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
+    max_pixels: Annotated[
+        int, typer.Option("--max-pixels", min=1, help="Refuse larger images from their header (decompression bombs).")
+    ] = DEFAULT_MAX_PIXELS,
     report: Annotated[bool, typer.Option("--report", help="Then write OUT/index.html (`camcli report`).")] = False,
     metrics: Annotated[
         bool, typer.Option("--metrics", help="Score each map: deletion/insertion AUC, average drop, increase.")
@@ -182,7 +203,13 @@ def _explain(**opts: Any) -> int:
     metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
     stdin = sys.stdin if "-" in opts["inputs"] else None
-    items = collect_inputs(opts["inputs"], stdin, opts["include"] or (), opts["exclude"] or ())
+    items = collect_inputs(
+        opts["inputs"],
+        stdin,
+        opts["include"] or (),
+        opts["exclude"] or (),
+        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
+    )
     if not opts["dry_run"]:
         check_writable(opts["out"])
     loaded = load_model(
@@ -199,7 +226,7 @@ def _explain(**opts: Any) -> int:
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
     explainer = Explainer(loaded.model, layer, methods, chunk_size=opts["chunk_size"])
     if not items:
-        stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False)
+        stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
         return ExitCode.IMAGE_FAILED
     if box_index is not None and not any(box_index.lookup(item) for item in items):
         stderr.print(
@@ -240,6 +267,7 @@ def _explain(**opts: Any) -> int:
         grid=opts["grid"],
         grid_only=opts.get("grid_only", False),
         panel_size=opts.get("panel_size", 224),
+        max_pixels=opts["max_pixels"],
     )
     run = ExplainRun(loaded, explainer, target, device, options, request)
     if opts["dry_run"]:
@@ -275,12 +303,18 @@ def _explain(**opts: Any) -> int:
         except OSError as exc:
             report_error(f"{opts['summary_csv']}: cannot write the summary: {exc.strerror or exc}")
             return ExitCode.IMAGE_FAILED
-    if not opts["quiet"]:
+    if not opts["quiet"] or summary.interrupted:
+        stopped = ""
+        if summary.interrupted:
+            stopped = f"interrupted, {len(items) - summary.done - summary.skipped - summary.failed} not started; "
         stderr.print(
-            f"camcli: {summary.done} explained, {summary.skipped} already done, "
+            f"camcli: {stopped}{summary.done} explained, {summary.skipped} already done, "
             f"{summary.failed} failed -> {opts['out']}",
             markup=False,
+            soft_wrap=True,
         )
+    if summary.interrupted:
+        return ExitCode.INTERRUPTED
     report_ok = _write_report(opts["out"], None, opts["quiet"]) if opts["report"] else True
     return ExitCode.IMAGE_FAILED if summary.failed or not report_ok else ExitCode.OK
 

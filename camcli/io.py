@@ -12,14 +12,19 @@ import fnmatch
 import io
 import json
 import os
+import re
+import stat
+import struct
 import tempfile
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
 from camcli.errors import ImageError, UsageError
 
@@ -31,7 +36,16 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+
+# Pillow's own default: a larger image is refused from its header before any decoding
+# (`--max-pixels` raises it). camcli checks the limit itself, with the user's value, so
+# Pillow's check (a warning, then an error at twice the limit) is switched off.
+DEFAULT_MAX_PIXELS = 178_956_970
+Image.MAX_IMAGE_PIXELS = None
+
+_JPEG_END = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,7 @@ def collect_inputs(
     stdin_lines: Iterable[str] | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    warn: Callable[[str], None] | None = None,
 ) -> list[InputItem]:
     """Expand files, folders (recursively, sorted) and ``-`` (paths on stdin).
 
@@ -70,7 +85,9 @@ def collect_inputs(
 
     A path that does not exist is a usage error before any work. The same file given
     twice (or a file and its folder) is explained once. `include` / `exclude` globs
-    (`selected`) keep or drop inputs of every kind.
+    (`selected`) keep or drop inputs of every kind. Symlinked folders are followed,
+    each real folder once: a link back into a folder already walked (a loop) is skipped
+    with one line to `warn`.
     """
     items: list[InputItem] = []
     for arg in args:
@@ -82,7 +99,7 @@ def collect_inputs(
             continue
         path = Path(arg)
         if path.is_dir():
-            items.extend(_folder_items(path))
+            items.extend(_folder_items(path, warn or (lambda _: None)))
         else:  # a file named on the command line: its outputs go to OUT/<name>
             items.append(_file_item(path, path.name))
     return _unique([item for item in items if selected(item, include, exclude)])
@@ -107,9 +124,20 @@ def _file_item(path: Path, key: str) -> InputItem:
     return InputItem(path, key)
 
 
-def _folder_items(folder: Path) -> list[InputItem]:
+def _folder_items(folder: Path, warn: Callable[[str], None]) -> list[InputItem]:
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    walked: dict[tuple[int, int], str] = {}  # real folder -> the path it was walked as
+
+    def cannot_list(error: OSError) -> None:
+        warn(f"{error.filename}: cannot list folder: {error.strerror or error}")
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=cannot_list, followlinks=True):
+        info = os.stat(dirpath)
+        first = walked.setdefault((info.st_dev, info.st_ino), dirpath)
+        if first != dirpath:  # reached again through a symlink: a loop, or a second path in
+            warn(f"{dirpath}: skipped, the same folder as {first} (symlink)")
+            dirnames.clear()
+            continue
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
@@ -123,7 +151,7 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
     seen_keys: set[str] = set()
     unique = []
     for item in items:
-        real = item.path.resolve()
+        real = Path(os.path.realpath(item.path))  # Path.resolve raises on a symlink loop
         if real in seen_files:
             continue
         seen_files.add(real)
@@ -136,18 +164,85 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
     return unique
 
 
-def decode_image(path: Path) -> np.ndarray:
-    """The image as an RGB uint8 (H, W, 3) array, or an ImageError saying why not."""
+def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """The image as an RGB uint8 (H, W, 3) array as a viewer shows it, or an ImageError
+    saying why not.
+
+    The header is read first (Pillow, lazily): unknown formats and images over
+    `max_pixels` are refused before any pixel is decoded. OpenCV decodes (it applies
+    the EXIF orientation, scales 16-bit to 8-bit, converts grey, palette and CMYK, and
+    drops alpha, like PIL's ``convert("RGB")``); Pillow decodes what OpenCV cannot
+    (GIF with older OpenCV) and names the reason for files that are broken. A JPEG
+    without its end marker goes to Pillow too: older OpenCV decodes a truncated JPEG
+    without complaint, filling the missing part with grey.
+    """
+    data = _read_regular_file(path)
     try:
-        data = path.read_bytes()
+        header = Image.open(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - any header Pillow cannot parse is not an image
+        raise ImageError("not a decodable image") from None
+    width, height = header.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{width}x{height} image ({width * height:,} pixels) is over the {max_pixels:,}-pixel limit "
+            "(a decompression bomb?); --max-pixels raises the limit"
+        )
+    if header.format in ("JPEG", "MPO") and not data.rstrip(b"\0").endswith(_JPEG_END):
+        return _decode_with_pillow(header)
+    if header.format == "PNG":
+        _check_png_chunks(data)
+    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.size == 0:
+        return _decode_with_pillow(header)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The file's bytes; a FIFO or device named like an image would block or never end."""
+    try:  # non-blocking open: opening a FIFO for reading would wait for a writer
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ImageError("not a regular file")
+            data = handle.read()
     except OSError as exc:
         raise ImageError(f"cannot read: {exc.strerror or exc}") from None
     if not data:
         raise ImageError("empty file")
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None or bgr.size == 0:
-        raise ImageError("not a decodable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return data
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG whose chunk checksums are wrong, before libpng prints its own error
+    line to stderr. A truncated file is left to the decoders, which name it."""
+    position = len(_PNG_SIGNATURE)
+    while position + 12 <= len(data):
+        (length,) = struct.unpack_from(">I", data, position)
+        end = position + 8 + length
+        if end + 4 > len(data):
+            return
+        kind = data[position + 4 : position + 8]
+        (expected,) = struct.unpack_from(">I", data, end)
+        if zlib.crc32(data[position + 4 : end]) != expected:
+            raise ImageError(f"corrupt PNG file: bad checksum in its {kind.decode('latin-1')} chunk")
+        if kind == b"IEND":
+            return
+        position = end + 4
+
+
+def _decode_with_pillow(image: Image.Image) -> np.ndarray:
+    """Pillow's decode (first frame, EXIF orientation applied, alpha dropped), or the reason
+    the file is broken (truncated, bad checksum, corrupt data)."""
+    kind = image.format or "image"
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16"):  # convert() would clip 16-bit values, not scale them
+            gray = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        return np.array(image.convert("RGB"))  # a writable copy, for torch.from_numpy
+    except Exception as exc:  # noqa: BLE001 - a broken file is one line, whatever the decoder raised
+        reason = str(exc).strip() or type(exc).__name__
+        raise ImageError(f"corrupt {kind} file: {reason}") from None
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -162,6 +257,36 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_write's mkstemp names
+
+
+def remove_stale_temps(out_dir: Path, keys: Iterable[str]) -> int:
+    """Delete temporary files a killed run left for these outputs (``.NAME.XXXXXXXX.tmp``
+    beside the outputs of each key); returns how many. One listing per output folder."""
+    names_by_folder: dict[Path, set[str]] = {}
+    for key in keys:
+        target = out_dir / key
+        names_by_folder.setdefault(target.parent, set()).add(target.name)
+    removed = 0
+    for folder, names in names_by_folder.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _TEMP_NAME.match(entry.name)
+            if match and _owned_by(match["name"], names) and entry.is_file():
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _owned_by(output_name: str, image_names: set[str]) -> bool:
+    """Whether an output file name (``a.jpg.json``, ``a.jpg.gradcam.png``) belongs to an image."""
+    parts = output_name.split(".")
+    return any(".".join(parts[:i]) in image_names for i in range(1, len(parts)))
 
 
 OVERLAY_FORMATS = {

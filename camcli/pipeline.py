@@ -8,9 +8,11 @@ the CPU and converted to numpy once per batch.
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,17 @@ from camcli import __version__
 from camcli.boxes import BoxIndex
 from camcli.engine import BatchResult, Explainer, TargetSpec
 from camcli.errors import ImageError
-from camcli.io import InputItem, atomic_write, decode_image, encode_image, json_bytes, npy_bytes, read_json
+from camcli.io import (
+    DEFAULT_MAX_PIXELS,
+    InputItem,
+    atomic_write,
+    decode_image,
+    encode_image,
+    json_bytes,
+    npy_bytes,
+    read_json,
+    remove_stale_temps,
+)
 from camcli.metrics import MetricOptions, evaluate_batch
 from camcli.models import InputSpec, LoadedModel
 from camcli.render import comparison_grid, gradient_image, heatmap_at_size, overlay
@@ -47,6 +59,7 @@ class RunOptions:
     grid: bool = False  # also write <name>.grid.png: the image, then every method (and target) side by side
     grid_only: bool = False  # `camcli compare`: write only the grids (no overlays, no JSON)
     panel_size: int = 224  # grid panel height in pixels
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header
 
 
 @dataclass
@@ -54,6 +67,7 @@ class RunSummary:
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    interrupted: bool = False  # Ctrl-C: stopped after the batch on the model, writes finished
     errors: list[str] = field(default_factory=list)
 
 
@@ -104,14 +118,24 @@ class ExplainRun:
         report_error: Callable[[str], None],
         advance: Callable[[int], None],
     ) -> RunSummary:
-        """Explain `items`; `emit` gets each image's record in input order."""
+        """Explain `items`; `emit` gets each image's record in input order.
+
+        A first Ctrl-C stops the run after the batch on the model: writes already queued
+        finish, nothing is left half-written, and the summary says ``interrupted``.
+        """
         summary = RunSummary()
         writes: list[tuple[_Decoded, Future[None]]] = []
+        remove_stale_temps(self.options.out_dir, (item.key for item in items))
         with (
+            _stop_on_sigint() as stop,
             ThreadPoolExecutor(self.options.workers, thread_name_prefix="camcli-decode") as decoder,
             ThreadPoolExecutor(1, thread_name_prefix="camcli-write") as writer,
         ):
             for batch in self._batches(items, decoder):
+                if stop.is_set():
+                    summary.interrupted = True
+                    decoder.shutdown(wait=False, cancel_futures=True)
+                    break
                 for entry in batch:
                     if isinstance(entry, dict):  # finished by an earlier run
                         summary.skipped += 1
@@ -146,7 +170,7 @@ class ExplainRun:
 
     def _decode(self, item: InputItem) -> _Decoded:
         try:
-            image = decode_image(item.path)
+            image = decode_image(item.path, self.options.max_pixels)
             return _Decoded(item, image, preprocess(image, self.loaded.input))
         except ImageError as exc:
             return _Decoded(item, error=str(exc))
@@ -328,6 +352,32 @@ def _grid(
             row.append((picture, meta["method"], f"{target['label']} {target['score']:.1%}"))
         rows.append(row)
     return comparison_grid(rows, size)
+
+
+@contextmanager
+def _stop_on_sigint() -> Iterator[threading.Event]:
+    """An event set by the first SIGINT (a second one interrupts at once, as usual).
+
+    Only the main thread can install signal handlers; elsewhere (and where SIGINT is
+    ignored, as under nohup) Ctrl-C keeps its meaning.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
+        signal.SIG_IGN,
+        None,  # a handler set outside Python: leave it alone
+    ):
+        yield stop
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, request_stop)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:

@@ -163,6 +163,8 @@ def test_target_by_name(tmp_path, samples_dir) -> None:
         (["--batch-size", "0"], "--batch-size"),
         (["--layer", "_head_ac"], "_head_act"),
         (["--device", "cuda:7"], "not available"),
+        (["--batch-size", "abc"], "--batch-size"),
+        (["--no-such-option"], "No such option"),
         (["--model", "resnet"], "unknown model"),
         (["--model", "vit_b_16"], "not supported yet"),
         (["--model", "vgg11", "--weights", "none", "-m", "cam"], "use gradcam"),
@@ -173,6 +175,7 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, samples_dir, args: list[str
     result = invoke(str(samples_dir / "skimage_chelsea.png"), "-o", str(out), *args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.output
     assert not list(out.glob("*.json")), "nothing is processed after a usage error"
 
