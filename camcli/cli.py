@@ -179,16 +179,8 @@ def explain(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
-    try:
+    with _one_line_errors(debug):
         code = _explain(**locals())
-    except CamcliError as exc:
-        if debug:
-            raise
-        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("camcli: interrupted", markup=False)
-        raise typer.Exit(ExitCode.INTERRUPTED) from None
     raise typer.Exit(code)
 
 
@@ -332,16 +324,8 @@ def report(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Write OUT/index.html: every image's thumbnail, top-5 and overlays on one static page."""
-    try:
+    with _one_line_errors(debug):
         ok = _write_report(out, labels_expected, quiet)
-    except CamcliError as exc:
-        if debug:
-            raise
-        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("camcli: interrupted", markup=False)
-        raise typer.Exit(ExitCode.INTERRUPTED) from None
     typer.echo(out / "index.html")
     raise typer.Exit(ExitCode.OK if ok else ExitCode.IMAGE_FAILED)
 
@@ -424,18 +408,10 @@ def evaluate(
     opts = {n: p.default for n, p in inspect.signature(explain).parameters.items() if p.default is not p.empty}
     opts.update({k: v for k, v in given.items() if k != "folder"})
     opts.update(inputs=given["folder"], metrics=True, records=[])
-    try:
+    with _one_line_errors(debug):
         code = _explain(**opts)
         summaries = summarise(opts["records"], [m.name for m in parse_methods(method)])
         csv_path, json_path = write_summary(out, summaries, opts["records"][0]["request"] if opts["records"] else {})
-    except CamcliError as exc:
-        if debug:
-            raise
-        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        stderr.print("camcli: interrupted", markup=False)
-        raise typer.Exit(ExitCode.INTERRUPTED) from None
     console = Console(highlight=False)
     if not console.is_terminal:  # a file or pipe gets the whole table, not an 80-column squeeze
         console = Console(highlight=False, width=160)
@@ -447,7 +423,8 @@ def evaluate(
 
 @contextmanager
 def _one_line_errors(debug: bool = False) -> Iterator[None]:
-    """The discovery commands' error handling: one line and the exit code, as for explain."""
+    """Every command's error handling, in one place: a camcli error is one line on stderr
+    and its exit code (a traceback only with --debug); Ctrl-C outside a run is exit 130."""
     try:
         yield
     except CamcliError as exc:
