@@ -4,9 +4,12 @@ A batch is explained with one forward (and, if any method needs it, one partial
 backward per target rank) for all CAM-family methods together: parameters are
 frozen for the call and the hooked activation is made a leaf that requires grad,
 so autograd records nothing before it and `torch.autograd.grad` computes no weight
-gradients. Input-gradient methods (guided backprop) take one more forward and a
-backward to the input. Every hook and every flag the engine changes is put back in
-`finally`, whatever a method raises.
+gradients. With several layers (`--layer a,b`) all are captured in that forward and
+one `torch.autograd.grad` call returns the gradients of all of them; each method's
+normalised maps are averaged. Input-gradient methods (guided backprop, saliency,
+SmoothGrad's noisy copies) take one more forward and a backward to the input;
+perturbation methods (occlusion) extra forwards without autograd. Every hook and every
+flag the engine changes is put back in `finally`, whatever a method raises.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +27,17 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from camcli.errors import MethodNotApplicable, UsageError
-from camcli.methods import CamContext, CamMethod, CombinedMethod, InputGradientMethod, Method, get_method
+from camcli.methods import (
+    CamContext,
+    CamMethod,
+    CombinedMethod,
+    InputGradientMethod,
+    LayerImageMethod,
+    Method,
+    ModelContext,
+    PerturbationMethod,
+    get_method,
+)
 from camcli.models import LayerInfo
 
 # Activation modules whose backward guided backprop does not define.
@@ -83,14 +96,19 @@ class Explanation:
 
     method: str
     rank: int
-    layer: str | None  # None for input-gradient methods
+    layer: str | None  # None for methods that read no layer; "a,b" for fused layers
     targets: Tensor  # (B,) class index per sample
-    maps: Tensor  # CAM family: (B, h, w) in [0, 1]; gradients: (B, 3, H, W), raw
+    maps: Tensor  # heatmaps: (B, h, w) in [0, 1]; gradients: (B, 3, H, W), raw; tiles: (B, N, h, w)
     flat: Tensor  # (B,) True where the map had no variation (written as zeros)
+    channels: Tensor | None = None  # tiles: (B, N) channel index of each tile
 
     @property
     def is_gradient(self) -> bool:
-        return self.maps.ndim == 4
+        return self.maps.ndim == 4 and self.channels is None
+
+    @property
+    def is_tiles(self) -> bool:
+        return self.channels is not None
 
 
 @dataclass
@@ -132,8 +150,10 @@ def capture(module: nn.Module, as_consumed: bool, track_grad: bool) -> Iterator[
     """Hook `module` and keep its output under ``"activation"``.
 
     With `track_grad` the output is cut from the graph and made a leaf that requires
-    grad: nothing before it is recorded. The model continues with a copy, so in-place
-    ops downstream (ResNet's ``+=``, DenseNet's ``relu_``) never touch the leaf. With
+    grad: nothing before it is recorded. If it already requires grad (an earlier
+    captured layer is a leaf upstream), it stays in the graph, so gradients reach
+    both. The model continues with a copy, so in-place ops downstream (ResNet's
+    ``+=``, DenseNet's ``relu_``) never touch the leaf. With
     `as_consumed` the copy is kept instead: it ends up holding the tensor as pooled.
     """
     store: dict[str, Tensor] = {}
@@ -141,7 +161,7 @@ def capture(module: nn.Module, as_consumed: bool, track_grad: bool) -> Iterator[
     def hook(_: nn.Module, __: Any, output: Any) -> Tensor:
         if not isinstance(output, Tensor) or output.ndim != 4:
             raise UsageError("the target layer must output one (B, C, H, W) tensor")
-        source = output.detach().requires_grad_(True) if track_grad else output
+        source = output.detach().requires_grad_(True) if track_grad and not output.requires_grad else output
         passed = source.clone()
         store["activation"] = passed if as_consumed else source
         return passed
@@ -226,19 +246,23 @@ def _not_rectifier(method: str, activation: str) -> MethodNotApplicable:
 
 
 class Explainer:
-    """Explains batches of one model at one layer with a set of methods."""
+    """Explains batches of one model at one layer (or several, fused) with a set of methods."""
 
     def __init__(
         self,
         model: nn.Module,
-        layer: LayerInfo,
+        layer: LayerInfo | Sequence[LayerInfo],
         methods: Sequence[Method],
         *,
         chunk_size: int = 32,
         channels_last: bool = True,
     ) -> None:
         self.model = model
-        self.layer = layer
+        self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
+        if not self.layers:
+            raise UsageError("no layer given")
+        self.layer = self.layers[0]
+        self.layer_name = ",".join(info.name for info in self.layers)
         self.methods = list(methods)
         self.chunk_size = chunk_size
         # channels_last changes only the layout of the 4-D weights and inputs, never a value:
@@ -248,8 +272,10 @@ class Explainer:
         if channels_last:
             model.to(memory_format=torch.channels_last)
         modules = dict(model.named_modules())
-        self.module = modules[layer.name]
-        self._head = modules[layer.head] if layer.head is not None else None
+        self.modules = [modules[info.name] for info in self.layers]
+        self.module = self.modules[0]
+        self._heads = [modules[info.head] if info.head is not None else None for info in self.layers]
+        self._head = self._heads[0]
         wanted = {m.name: m for m in self.methods}
         for method in self.methods:
             if isinstance(method, CombinedMethod):
@@ -257,19 +283,25 @@ class Explainer:
                     wanted.setdefault(name, get_method(name))
         self._cam = [m for m in wanted.values() if isinstance(m, CamMethod)]
         self._gradient = [m for m in wanted.values() if isinstance(m, InputGradientMethod)]
+        self._perturbation = [m for m in wanted.values() if isinstance(m, PerturbationMethod)]
+        self._layer_image = [m for m in wanted.values() if isinstance(m, LayerImageMethod)]
         self._check_applicable()
 
     def _check_applicable(self) -> None:
         for method in self._cam:
-            if method.needs_linear_head and self.layer.head is None:
-                raise MethodNotApplicable(
-                    f"{method.name} needs a global-average-pool + linear head fed by layer "
-                    f"{self.layer.name!r}, which this model does not have (use gradcam instead)"
-                )
-        if self._gradient:
+            for info in self.layers:
+                if method.needs_linear_head and info.head is None:
+                    raise MethodNotApplicable(
+                        f"{method.name} needs a global-average-pool + linear head fed by layer "
+                        f"{info.name!r}, which this model does not have (use gradcam instead)"
+                    )
+        if self._layer_image and len(self.layers) > 1:
+            raise UsageError(f"{self._layer_image[0].name} shows one layer; name one with --layer")
+        guided = [m for m in self._gradient if m.rectifier_backward is not None]
+        if guided:
             for name, module in self.model.named_modules():
                 if isinstance(module, _NON_RECTIFIER_MODULES):
-                    raise _not_rectifier(self._gradient[0].name, f"{type(module).__name__} ({name})")
+                    raise _not_rectifier(guided[0].name, f"{type(module).__name__} ({name})")
 
     def explain(self, inputs: Tensor, target: TargetSpec) -> BatchResult:
         """Explain a (B, 3, H, W) batch; each sample gets its own target(s)."""
@@ -277,10 +309,12 @@ class Explainer:
         inputs = inputs.contiguous(memory_format=self.memory_format)
         with frozen(self.model):
             logits, targets = None, None
-            if self._cam:
+            if self._cam or self._layer_image:
                 logits, targets = self._cam_pass(inputs, target, results)
             for method in self._gradient:
-                logits, targets = self._gradient_pass(inputs, target, targets, method, results)
+                logits, targets = self._gradient_pass(inputs, target, targets, logits, method, results)
+            if self._perturbation:
+                logits, targets = self._perturbation_pass(inputs, target, targets, logits, results)
         assert logits is not None and targets is not None
         for method in self.methods:
             if isinstance(method, CombinedMethod):
@@ -291,7 +325,7 @@ class Explainer:
                     cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
                     maps = method.combine(gradient.maps, cam.squeeze(1))
                     results[method.name, rank] = Explanation(
-                        method.name, rank, self.layer.name, targets[rank], maps, _gradient_flat(maps)
+                        method.name, rank, self.layer_name, targets[rank], maps, _gradient_flat(maps)
                     )
         ordered = [results[m.name, rank] for rank in range(len(targets)) for m in self.methods]
         return BatchResult(logits=logits, explanations=ordered)
@@ -300,41 +334,58 @@ class Explainer:
         self, inputs: Tensor, target: TargetSpec, results: dict[tuple[str, int], Explanation]
     ) -> tuple[Tensor, list[Tensor]]:
         track_grad = any(m.needs_gradient for m in self._cam)
-        with capture(self.module, self.layer.as_consumed, track_grad) as store:
+        with ExitStack() as stack:
+            stores = [
+                stack.enter_context(capture(module, info.as_consumed, track_grad))
+                for module, info in zip(self.modules, self.layers, strict=True)
+            ]
             with torch.set_grad_enabled(track_grad):
                 logits = self.model(inputs)
-        activations = store["activation"]
+        activations = [store["activation"] for store in stores]
         targets = target.resolve(logits)
+        for method in self._layer_image:
+            acts = activations[0].detach()
+            with torch.no_grad():
+                channels = method.select(acts)
+                tiles = acts.gather(1, channels[:, :, None, None].expand(-1, -1, *acts.shape[2:]))
+                maps, flat = normalise(tiles.flatten(0, 1).float())
+            for rank, rank_targets in enumerate(targets):
+                results[method.name, rank] = Explanation(
+                    method.name,
+                    rank,
+                    self.layer_name,
+                    rank_targets,
+                    maps.view_as(tiles),
+                    flat.view(tiles.shape[:2]).all(1),
+                    channels,
+                )
         for rank, rank_targets in enumerate(targets):
-            gradients = None
+            gradients: Sequence[Tensor | None] = [None] * len(activations)
             if track_grad:
                 score = logits.gather(1, rank_targets[:, None]).sum()
-                (gradients,) = torch.autograd.grad(
+                gradients = torch.autograd.grad(
                     score, activations, retain_graph=rank < len(targets) - 1, allow_unused=True
                 )
-                if gradients is None:
-                    raise MethodNotApplicable(f"layer {self.layer.name!r} does not influence the logits")
-            ctx = CamContext(
-                activations=activations.detach(),
-                gradients=gradients,
-                targets=rank_targets,
-                logits=logits.detach(),
-                inputs=inputs,
-                head_weight=None if self._head is None else self._head.weight.detach(),
-                forward=self._forward,
-                chunk_size=self.chunk_size,
-            )
+                for info, gradient in zip(self.layers, gradients, strict=True):
+                    if gradient is None:
+                        raise MethodNotApplicable(f"layer {info.name!r} does not influence the logits")
+            contexts = [
+                CamContext(
+                    activations=acts.detach(),
+                    gradients=gradient,
+                    targets=rank_targets,
+                    logits=logits.detach(),
+                    inputs=inputs,
+                    head_weight=None if head is None else head.weight.detach(),
+                    forward=self._forward,
+                    chunk_size=self.chunk_size,
+                )
+                for acts, gradient, head in zip(activations, gradients, self._heads, strict=True)
+            ]
             for method in self._cam:
                 with torch.no_grad():
-                    weights = method.weights(ctx)
-                    if weights.ndim == 3:  # the method's own map (the centre baseline)
-                        cam = weights.relu()
-                    else:
-                        if weights.ndim == 2:
-                            weights = weights[:, :, None, None]
-                        cam = (weights * ctx.activations).sum(1).relu()
-                    maps, flat = normalise(cam)
-                results[method.name, rank] = Explanation(method.name, rank, self.layer.name, rank_targets, maps, flat)
+                    maps, flat = _fuse([normalise(method.cam_map(ctx).relu()) for ctx in contexts])
+                results[method.name, rank] = Explanation(method.name, rank, self.layer_name, rank_targets, maps, flat)
         return logits.detach(), targets
 
     def _forward(self, inputs: Tensor) -> Tensor:
@@ -346,21 +397,81 @@ class Explainer:
         inputs: Tensor,
         target: TargetSpec,
         targets: list[Tensor] | None,
+        logits: Tensor | None,
         method: InputGradientMethod,
         results: dict[tuple[str, int], Explanation],
     ) -> tuple[Tensor, list[Tensor]]:
-        leaf = inputs.detach().requires_grad_(True)
-        with torch.enable_grad(), _RectifierMode(method.rectifier_backward, method.name):
-            logits = self.model(leaf)
-        targets = targets if targets is not None else target.resolve(logits)
+        samples = method.inputs_for(inputs)  # (S, B, 3, H, W)
+        plain = samples.shape[0] == 1
+        if targets is None and not plain:  # noisy copies: targets come from the clean input
+            with torch.inference_mode():
+                logits = self.model(inputs)
+            targets = target.resolve(logits)
+        flat_inputs = samples.flatten(0, 1)
+        step = len(flat_inputs) if plain else self.chunk_size
+        rule = method.rectifier_backward
+        gradients: list[list[Tensor]] = []
+        for start in range(0, len(flat_inputs), step):
+            leaf = flat_inputs[start : start + step].detach().contiguous(memory_format=self.memory_format)
+            leaf.requires_grad_(True)
+            samples_of = torch.arange(start, start + len(leaf), device=inputs.device) % inputs.shape[0]
+            mode = nullcontext() if rule is None else _RectifierMode(rule, method.name)
+            with torch.enable_grad(), mode:
+                out = self.model(leaf)
+            if targets is None:  # plain pass without an earlier one: this forward is the clean one
+                logits, targets = out.detach(), target.resolve(out)
+            chunk = []
+            for rank, rank_targets in enumerate(targets):
+                score = out.gather(1, rank_targets[samples_of, None]).sum()
+                (gradient,) = torch.autograd.grad(score, leaf, retain_graph=rank < len(targets) - 1)
+                chunk.append(gradient.nan_to_num(0.0))
+            gradients.append(chunk)
         for rank, rank_targets in enumerate(targets):
-            score = logits.gather(1, rank_targets[:, None]).sum()
-            (gradient,) = torch.autograd.grad(score, leaf, retain_graph=rank < len(targets) - 1)
-            gradient = gradient.nan_to_num(0.0)
-            results[method.name, rank] = Explanation(
-                method.name, rank, None, rank_targets, gradient, _gradient_flat(gradient)
-            )
+            stacked = torch.cat([chunk[rank] for chunk in gradients]).view_as(samples)
+            with torch.no_grad():
+                result = method.reduce(stacked)
+                maps, flat = (result, _gradient_flat(result)) if result.ndim == 4 else normalise(result.relu())
+            results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
+        assert logits is not None
         return logits.detach(), targets
+
+    def _perturbation_pass(
+        self,
+        inputs: Tensor,
+        target: TargetSpec,
+        targets: list[Tensor] | None,
+        logits: Tensor | None,
+        results: dict[tuple[str, int], Explanation],
+    ) -> tuple[Tensor, list[Tensor]]:
+        if logits is None or targets is None:
+            with torch.inference_mode():
+                logits = self.model(inputs)
+            targets = target.resolve(logits)
+        ctx = ModelContext(
+            inputs=inputs,
+            logits=logits,
+            targets=torch.stack(targets),
+            forward=self._forward,
+            chunk_size=self.chunk_size,
+        )
+        for method in self._perturbation:
+            attributions = method.attribute(ctx)
+            for rank, rank_targets in enumerate(targets):
+                maps, flat = normalise(attributions[rank].relu())
+                results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
+        return logits, targets
+
+
+def _fuse(normalised: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """One layer: its map. Several: the mean of their normalised maps at the finest
+    layer's resolution (bilinear), normalised again so every map spans [0, 1]."""
+    if len(normalised) == 1:
+        return normalised[0]
+    size = max((maps.shape[-2:] for maps, _ in normalised), key=lambda s: s[0] * s[1])
+    upsampled = [
+        F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for maps, _ in normalised
+    ]
+    return normalise(torch.stack(upsampled).mean(0))
 
 
 def _gradient_flat(gradient: Tensor) -> Tensor:

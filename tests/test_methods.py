@@ -205,9 +205,13 @@ def test_flat_map_is_zeros_with_a_flag_never_nan() -> None:
 
 def test_registry() -> None:
     names = list_methods()
-    assert names == ["cam", "gradcam", "gradcam++", "scorecam", "guided-backprop", "guided-gradcam", "center"]
-    assert [m.name for m in parse_methods("all")] == names[:-1]  # the centre baseline only when named
-    assert [m.name for m in parse_methods("all,center")] == names
+    anchors = ["cam", "gradcam", "gradcam++", "scorecam", "guided-backprop", "guided-gradcam"]
+    more = ["layercam", "xgradcam", "hirescam", "eigencam", "saliency", "smoothgrad", "deconvnet"]
+    assert names[: len(anchors)] == anchors and set(more) | {"occlusion", "activations"} <= set(names)
+    every = [m.name for m in parse_methods("all")]
+    assert every == [name for name in names if get_method(name).in_all]
+    assert set(anchors + more) <= set(every) and not {"occlusion", "activations", "center"} & set(every)
+    assert [m.name for m in parse_methods("all,center")] == [*every, "center"]
     assert [m.name for m in parse_methods("gradcam, cam,gradcam")] == ["gradcam", "cam"]
     for name in names:
         method = get_method(name)

@@ -2,8 +2,12 @@
 
 The engine (`camcli.engine`) owns hooks, targets, gradients, upsampling and
 normalisation. A CAM-family method returns channel weights for the captured
-activations; an input-gradient method states how a rectifier passes gradients
-backwards; a combined method multiplies the results of the methods it needs.
+activations (or, through `cam_map`, a map of its own); an input-gradient method
+states how a rectifier passes gradients backwards and how input gradients become
+its result; a perturbation method scores modified inputs; a layer-image method
+picks channels of the layer to show; a combined method multiplies the results of
+the methods it needs. Options a method takes (`--samples`, `--patch`, ...) are
+constructor arguments named in `settings`.
 """
 
 from __future__ import annotations
@@ -41,25 +45,72 @@ class Method:
     needs_gradient: ClassVar[bool] = False
     needs_linear_head: ClassVar[bool] = False
     in_all: ClassVar[bool] = True  # False: a baseline or tool that `-m all` leaves out unless named
+    settings: ClassVar[tuple[str, ...]] = ()  # constructor keywords taken from CLI options
 
 
 class CamMethod(Method):
     """A class activation map: relu(sum_c w_c * A_c), with w from `weights`."""
 
     def weights(self, ctx: CamContext) -> Tensor:
-        """Return (B, C) channel weights, (B, C, h, w) element-wise weights, or a (B, h, w)
-        map of the method's own (a baseline that does not weigh channels)."""
+        """Return (B, C) channel weights, or (B, C, h, w) element-wise weights."""
         raise NotImplementedError
+
+    def cam_map(self, ctx: CamContext) -> Tensor:
+        """(B, h, w) map before the engine's relu: sum_c w_c * A_c by default; a method
+        whose map is not a weighted channel sum (Eigen-CAM, the centre baseline) overrides
+        this instead."""
+        weights = self.weights(ctx)
+        if weights.ndim == 2:
+            weights = weights[:, :, None, None]
+        return (weights * ctx.activations).sum(1)
 
 
 class InputGradientMethod(Method):
-    """An input gradient in which every rectifier uses `rectifier_backward`."""
+    """An input gradient in which every rectifier uses `rectifier_backward`.
+
+    `rectifier_backward(grad_out, x, lo, hi)` is the gradient passed to the input x of
+    clamp(x, lo, hi); None keeps autograd's own backward for every activation (a plain
+    gradient, defined for any model). `inputs_for` may add noisy copies of the batch;
+    `reduce` turns their gradients into the method's result.
+    """
 
     needs_gradient = True
+    rectifier_backward: ClassVar[Callable[[Tensor, Tensor, float, float], Tensor] | None] = None
 
-    @staticmethod
-    def rectifier_backward(grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
-        """Gradient passed to the input x of clamp(x, lo, hi), given grad_out."""
+    def inputs_for(self, inputs: Tensor) -> Tensor:
+        """(S, B, 3, H, W): the S inputs per sample whose gradients `reduce` combines."""
+        return inputs.unsqueeze(0)
+
+    def reduce(self, gradients: Tensor) -> Tensor:
+        """(S, B, 3, H, W) input gradients -> (B, 3, H, W) raw gradient (rendered as an
+        image) or (B, H, W) map (relu, normalised and overlaid by the engine)."""
+        return gradients.mean(0)
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What a perturbation method may read for one batch: the model as a function."""
+
+    inputs: Tensor  # (B, 3, H, W) normalised model input
+    logits: Tensor  # (B, num_classes), detached
+    targets: Tensor  # (R, B) class index per target rank and sample
+    forward: Callable[[Tensor], Tensor]  # batched logits of extra inputs (no grad)
+    chunk_size: int  # how many extra inputs one forward may take
+
+
+class PerturbationMethod(Method):
+    """A map from the model's scores on modified inputs (no hooks, no gradient)."""
+
+    def attribute(self, ctx: ModelContext) -> Tensor:
+        """(R, B, h, w) map per target rank, before the engine's relu and normalisation."""
+        raise NotImplementedError
+
+
+class LayerImageMethod(Method):
+    """Shows channels of the target layer themselves, one tile per channel."""
+
+    def select(self, activations: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, N) indices of the channels to show, in display order."""
         raise NotImplementedError
 
 

@@ -44,7 +44,7 @@ class Center(CamMethod):
     cost = "none"
     in_all = False  # a calibration baseline, not an explanation
 
-    def weights(self, ctx: CamContext) -> Tensor:
+    def cam_map(self, ctx: CamContext) -> Tensor:
         """The map itself, (B, H, W) at the model input's size: the same for every sample."""
         height, width = ctx.inputs.shape[-2:]
         gaussian = centered_gaussian(height, width, ctx.inputs.device)

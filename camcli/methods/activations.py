@@ -1,0 +1,36 @@
+"""Intermediate activations: the channels of a layer as images, "what this layer sees"
+(Chollet, Deep Learning with Python, 2017, section 5.4.1).
+
+The N channels with the largest mean activation over the image, strongest first; the
+engine normalises each tile to [0, 1] on its own and the writer tiles them with the
+colormap. No target: the tiles are the same for every class.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from camcli.errors import UsageError
+from camcli.methods import register
+from camcli.methods.base import LayerImageMethod
+
+
+@register
+class Activations(LayerImageMethod):
+    name = "activations"
+    title = "Layer activations"
+    paper = "Chollet, Deep Learning with Python, Manning 2017, 5.4.1"
+    url = "https://www.manning.com/books/deep-learning-with-python"
+    needs = "nothing"
+    cost = "1 forward"
+    in_all = False
+    settings = ("tiles",)
+
+    def __init__(self, tiles: int = 16) -> None:
+        if tiles < 1:
+            raise UsageError(f"--tiles must be at least 1, not {tiles}")
+        self.tiles = tiles
+
+    def select(self, activations: Tensor) -> Tensor:
+        strength = activations.mean(dim=(2, 3))
+        return strength.topk(min(self.tiles, strength.shape[1]), dim=1).indices
