@@ -23,7 +23,7 @@ from camcli.evaluate import summarise, table, write_summary
 from camcli.io import DEFAULT_MAX_PIXELS, OVERLAY_FORMATS, atomic_write, check_writable, collect_inputs
 from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
-from camcli.models import DEFAULT_MODEL, check_labels, load_model, resolve_layer
+from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
 from camcli.report import write_report
@@ -120,7 +120,9 @@ def explain(
     weights: Annotated[
         str | None, typer.Option("--weights", help="DEFAULT, an enum member (IMAGENET1K_V1), none, or a .pth.")
     ] = None,
-    layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name.")] = "auto",
+    layer: Annotated[
+        str, typer.Option("--layer", help="auto, a dotted module name, or a,b to fuse CAM maps of several.")
+    ] = "auto",
     target: Annotated[
         str | None, typer.Option("-t", "--target", help="top1 (default), a class index or a class name.")
     ] = None,
@@ -176,12 +178,46 @@ def explain(
     grid: Annotated[
         bool, typer.Option("--grid", help="Also write <name>.grid.png: the image and every method side by side.")
     ] = False,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="SmoothGrad: noisy copies (25).")] = None,
+    noise: Annotated[
+        float | None, typer.Option("--noise", min=0.0, help="SmoothGrad: noise std / input range (0.15).")
+    ] = None,
+    patch: Annotated[int | None, typer.Option("--patch", min=1, help="Occlusion: patch side in px (32).")] = None,
+    stride: Annotated[int | None, typer.Option("--stride", min=1, help="Occlusion: patch step in px (16).")] = None,
+    occlusion_fill: Annotated[
+        str | None, typer.Option("--occlusion-fill", help="Occlusion: mean (default), blur, or R,G,B in 0-255.")
+    ] = None,
+    tiles: Annotated[int | None, typer.Option("--tiles", min=1, help="activations: channels shown (16).")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
     with _one_line_errors(debug):
         code = _explain(**locals())
     raise typer.Exit(code)
+
+
+def _method_settings(opts: dict[str, Any], spec: InputSpec | None) -> dict[str, Any]:
+    """The options methods take. An `--occlusion-fill R,G,B` colour (0-255) becomes
+    normalised model input once the model's normalisation (`spec`) is known."""
+    fill = opts["occlusion_fill"]
+    if fill is not None and fill.lower() in ("mean", "blur"):
+        fill = fill.lower()
+    elif fill is not None:
+        rgb = _floats(fill, "--occlusion-fill")
+        assert rgb is not None
+        if spec is None:  # checked now, converted once the model is loaded
+            fill = None
+        else:
+            fill = tuple((v / 255.0 - m) / s for v, m, s in zip(rgb, spec.mean, spec.std, strict=True))
+    settings = {
+        "samples": opts["samples"],
+        "noise": opts["noise"],
+        "patch": opts["patch"],
+        "stride": opts["stride"],
+        "fill": fill,
+        "tiles": opts["tiles"],
+    }
+    return {key: value for key, value in settings.items() if value is not None}
 
 
 def _explain(**opts: Any) -> int:
@@ -191,7 +227,7 @@ def _explain(**opts: Any) -> int:
         raise UsageError(f"unknown overlay format {opts['overlay_format']!r}; use one of {', '.join(OVERLAY_FORMATS)}")
     if opts["target"] is not None and opts["topk"] is not None:
         raise UsageError("--target and --topk exclude each other")
-    methods = parse_methods(opts["method"])
+    methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
     stdin = sys.stdin if "-" in opts["inputs"] else None
@@ -213,10 +249,13 @@ def _explain(**opts: Any) -> int:
         labels=opts["labels"],
     )
     loaded.model.to(device)
-    layer = resolve_layer(loaded.model, opts["layer"], loaded.input, device)
+    methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
+    names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
+    layers = [resolve_layer(loaded.model, name, loaded.input, device) for name in names or ["auto"]]
+    layer = layers[0]
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
-    explainer = Explainer(loaded.model, layer, methods, chunk_size=opts["chunk_size"])
+    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"])
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
         return ExitCode.IMAGE_FAILED
@@ -229,7 +268,7 @@ def _explain(**opts: Any) -> int:
     request = {
         "model": loaded.name,
         "weights": loaded.weights,
-        "layer": layer.name,
+        "layer": explainer.layer_name,
         "methods": [m.name for m in methods],
         "target": opts["target"] or "top1",
         "topk": opts["topk"] or 1,

@@ -39,7 +39,7 @@ from camcli.io import (
 )
 from camcli.metrics import MetricOptions, evaluate_batch
 from camcli.models import InputSpec, LoadedModel
-from camcli.render import comparison_grid, gradient_image, heatmap_at_size, overlay
+from camcli.render import colorize, comparison_grid, gradient_image, heatmap_at_size, overlay, tile_grid
 
 SCHEMA_VERSION = 1
 
@@ -277,6 +277,8 @@ class ExplainRun:
             )
             if e["metrics"] is not None:
                 record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
+            if e["channels"] is not None:
+                record["explanations"][-1]["channels"] = [int(c) for c in e["channels"][i]]
         if self.options.grid:
             record["grid"] = f"{name}.grid.png"
         return record
@@ -295,8 +297,10 @@ class ExplainRun:
                 height, width = entry.image.shape[:2]
                 panels = []
                 for e, meta in zip(arrays["explanations"], record["explanations"], strict=True):
-                    raw = heatmap_at_size(e["maps"][i], width, height)
-                    if raw.ndim == 3:  # input gradient (H, W, 3): deprocessed image
+                    raw = e["maps"][i] if e["channels"] is not None else heatmap_at_size(e["maps"][i], width, height)
+                    if e["channels"] is not None:  # layer channels (N, h, w): one tile each
+                        picture = tile_grid(colorize(raw, options.colormap))
+                    elif raw.ndim == 3:  # input gradient (H, W, 3): deprocessed image
                         picture = gradient_image(raw)
                     else:
                         picture = overlay(entry.image, raw, options.colormap, options.alpha)
@@ -395,6 +399,7 @@ def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor]] | None
                 "maps": e.maps.float().cpu().numpy(),
                 "flat": e.flat.cpu().numpy(),
                 "metrics": None if metrics is None else {k: v.cpu().numpy() for k, v in metrics[n].items()},
+                "channels": None if e.channels is None else e.channels.cpu().numpy(),
             }
         )
     return {

@@ -1,7 +1,8 @@
-"""Colormaps, overlays and gradient images (all RGB; BGR exists only inside cv2 calls)."""
+"""Colormaps, overlays, gradient images and tile grids (all RGB; BGR exists only inside cv2 calls)."""
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import cv2
@@ -120,3 +121,27 @@ def _put_text(grid: np.ndarray, text: str, x: int, baseline: int, width: int, ba
     while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, thickness)[0][0] > width:
         text = text[:-4] + "..." if len(text) > 4 else text[:-1]
     cv2.putText(grid, text, (x, baseline), _FONT, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+
+
+def colorize(maps: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """(..., h, w) maps in [0, 1] -> (..., h, w, 3) RGB uint8 through the colormap."""
+    index = np.clip(np.rint(maps * 255.0), 0, 255).astype(np.uint8)
+    return colormap_lut(colormap)[index]
+
+
+def tile_grid(tiles: np.ndarray, columns: int | None = None, min_side: int = 64, gap: int = 2) -> np.ndarray:
+    """(N, h, w, 3) RGB uint8 tiles -> one RGB image: a near-square grid, row by row,
+    each tile enlarged by an integer factor (nearest, so cells stay visible) to at least
+    `min_side` pixels, on a white background with `gap` pixels between tiles."""
+    count, height, width = tiles.shape[:3]
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    scale = max(1, math.ceil(min_side / max(height, width)))
+    tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
+    height, width = height * scale, width * scale
+    grid = np.full((rows * (height + gap) + gap, columns * (width + gap) + gap, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        top = gap + (i // columns) * (height + gap)
+        left = gap + (i % columns) * (width + gap)
+        grid[top : top + height, left : left + width] = tile
+    return grid

@@ -1,0 +1,131 @@
+"""What a layer's filters respond to: activation maximisation and first-layer kernels.
+
+Activation maximisation (Erhan et al. 2009; Simonyan et al. 2014; the regularised
+form of Yosinski et al., "Understanding Neural Networks Through Deep Visualization",
+ICML-DL 2015): start from a grey image with a little noise and follow the gradient of
+the mean activation of channel k of the layer, with random jitter (a shift of up to
+`jitter` pixels each step) and a small Gaussian blur every `blur_every` steps, so the
+result shows a pattern rather than high-frequency noise. The first N channels are
+optimised together, one image per channel in one batch (the model is in eval mode, so
+the images do not interact). The forward stops at the layer: nothing after it runs.
+
+The defaults (96 px, 64 Adam steps, lr 0.05 in [0, 1] pixel space) take a few
+seconds on a laptop CPU for the default model; more steps give crisper patterns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.transforms.functional import gaussian_blur
+
+from camcli.engine import frozen
+from camcli.errors import UsageError
+from camcli.models import InputSpec
+
+
+@dataclass(frozen=True)
+class AscentOptions:
+    """Gradient-ascent settings (see the module docstring for the defaults' reasons)."""
+
+    steps: int = 64
+    size: int = 96
+    lr: float = 0.05
+    jitter: int = 4
+    blur_every: int = 4
+    blur_sigma: float = 0.5
+    noise: float = 0.02  # std of the start image's noise around grey (0.5)
+    seed: int = 0
+
+
+class _Reached(Exception):
+    """Raised by the hook once the layer's output is captured: the forward stops there."""
+
+
+@contextmanager
+def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
+    store: dict[str, Tensor] = {}
+
+    def hook(_: nn.Module, __: object, output: object) -> None:
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            raise UsageError("the layer must output one (B, C, H, W) tensor")
+        store["activation"] = output
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def layer_output(model: nn.Module, module: nn.Module, inputs: Tensor) -> Tensor:
+    """`module`'s output for `inputs`, running the model only up to it."""
+    with _stop_at(module) as store:
+        try:
+            model(inputs)
+        except _Reached:
+            pass
+    if "activation" not in store:
+        raise UsageError("the layer is not called by the model's forward")
+    return store["activation"]
+
+
+def maximise_channels(
+    model: nn.Module,
+    layer: str,
+    channels: Tensor,
+    spec: InputSpec,
+    options: AscentOptions = AscentOptions(),  # noqa: B008 - frozen dataclass
+) -> Tensor:
+    """(N, 3, S, S) images in [0, 1], image i maximising the mean of `channels[i]`."""
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise UsageError(f"no layer named {layer!r} in the model (`camcli layers` lists them)")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(options.seed)
+    count = len(channels)
+    shape = (count, 3, options.size, options.size)
+    image = 0.5 + options.noise * torch.randn(shape, generator=generator, device=device)
+    image.requires_grad_(True)
+    optimiser = torch.optim.Adam([image], lr=options.lr)
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+    rows = torch.arange(count, device=device)
+    channels = channels.to(device)
+    with frozen(model):
+        for step in range(options.steps):
+            dy, dx = torch.randint(-options.jitter, options.jitter + 1, (2,), generator=generator, device=device)
+            shifted = torch.roll(image, (int(dy), int(dx)), dims=(2, 3))
+            with torch.enable_grad():
+                acts = layer_output(model, modules[layer], (shifted - mean) / std)
+                objective = acts[rows, channels].mean(dim=(1, 2)).sum()
+                (gradient,) = torch.autograd.grad(objective, image)
+            image.grad = -gradient  # ascent
+            optimiser.step()
+            with torch.no_grad():
+                image.clamp_(0.0, 1.0)
+                if options.blur_every and (step + 1) % options.blur_every == 0:
+                    image.copy_(gaussian_blur(image, [3, 3], [options.blur_sigma] * 2))
+    return image.detach()
+
+
+def first_conv_kernels(model: nn.Module) -> Tensor:
+    """(C, 3, k, k) weights of the first convolution that reads the RGB input."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
+            return module.weight.detach()
+    raise UsageError("the model has no convolution with 3 input channels")
+
+
+def stretch(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
+    """Per image contrast stretch between two quantiles, to [0, 1]: the optimised
+    patterns (and kernels) use a small range, and each tile is read on its own."""
+    flat = images.flatten(1).float()
+    q = torch.quantile(flat, torch.tensor([low, high], device=flat.device), dim=1)  # (2, N)
+    lo, hi = q[0][:, None], q[1][:, None]
+    return ((flat - lo) / (hi - lo).clamp(min=1e-8)).clamp(0.0, 1.0).view_as(images)
