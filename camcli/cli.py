@@ -20,7 +20,15 @@ from camcli.boxes import load_boxes
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import summarise, table, write_summary
-from camcli.io import DEFAULT_MAX_PIXELS, OVERLAY_FORMATS, atomic_write, check_writable, collect_inputs
+from camcli.filters import AscentOptions, filter_grid, kernel_grid
+from camcli.io import (
+    DEFAULT_MAX_PIXELS,
+    OVERLAY_FORMATS,
+    atomic_write,
+    check_writable,
+    collect_inputs,
+    encode_image,
+)
 from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
 from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
@@ -183,7 +191,9 @@ def explain(
         float | None, typer.Option("--noise", min=0.0, help="SmoothGrad: noise std / input range (0.15).")
     ] = None,
     patch: Annotated[int | None, typer.Option("--patch", min=1, help="Occlusion: patch side in px (32).")] = None,
-    stride: Annotated[int | None, typer.Option("--stride", min=1, help="Occlusion: patch step in px (16).")] = None,
+    stride: Annotated[
+        int | None, typer.Option("--stride", min=1, help="Occlusion: patch step in px (patch/2).")
+    ] = None,
     occlusion_fill: Annotated[
         str | None, typer.Option("--occlusion-fill", help="Occlusion: mean (default), blur, or R,G,B in 0-255.")
     ] = None,
@@ -585,6 +595,60 @@ def version(json_out: Annotated[bool, typer.Option("--json", help="JSON for mach
         _print_json(info)
     else:
         typer.echo(commands.format_version(info))
+
+
+@app.command()
+def filters(
+    model: Annotated[str, typer.Argument(help="efficientnet_lite0, a torchvision name, or package.module:factory.")],
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="Dotted module name whose channels to visualise.")
+    ] = None,
+    count: Annotated[int, typer.Option("-n", "--count", min=1, help="The first N channels.")] = 16,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Gradient-ascent steps.")] = AscentOptions.steps,
+    size: Annotated[int, typer.Option("--size", min=8, help="Side of the optimised images.")] = AscentOptions.size,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Also draw the first conv's kernels as RGB.")] = False,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="DEFAULT, an enum member (IMAGENET1K_V1), none, or a .pth.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("camcli-out"),
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """What a layer's filters respond to: activation maximisation of its first N channels
+    as a grid PNG, and with --kernels the raw first-layer kernels."""
+    with _one_line_errors(debug):
+        for path in _filters(model, layer, count, steps, size, kernels, weights, device, out):
+            stderr.print(f"camcli: wrote {path}", markup=False)
+
+
+def _filters(
+    model: str,
+    layer: str | None,
+    count: int,
+    steps: int,
+    size: int,
+    kernels: bool,
+    weights: str | None,
+    device_name: str,
+    out: Path,
+) -> list[Path]:
+    if layer is None and not kernels:
+        raise UsageError("name a layer with --layer, or ask for --kernels")
+    device = resolve_device(device_name)
+    check_writable(out)
+    loaded = load_model(model, weights)
+    loaded.model.to(device)
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in loaded.name)
+    pictures = {}
+    if layer is not None:
+        info = resolve_layer(loaded.model, layer, loaded.input, device)
+        grid = filter_grid(loaded.model, info, loaded.input, count, AscentOptions(steps=steps, size=size))
+        pictures[out / f"{stem}.{info.name}.filters.png"] = grid
+    if kernels:
+        pictures[out / f"{stem}.kernels.png"] = kernel_grid(loaded.model)
+    for path, picture in pictures.items():
+        atomic_write(path, encode_image(picture))
+    return list(pictures)
 
 
 def _dry_run(run: ExplainRun, items: list[Any], out: Path) -> int:

@@ -19,13 +19,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
 from camcli.engine import frozen
 from camcli.errors import UsageError
-from camcli.models import InputSpec
+from camcli.models import InputSpec, LayerInfo
+from camcli.render import tile_grid
 
 
 @dataclass(frozen=True)
@@ -129,3 +131,19 @@ def stretch(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
     q = torch.quantile(flat, torch.tensor([low, high], device=flat.device), dim=1)  # (2, N)
     lo, hi = q[0][:, None], q[1][:, None]
     return ((flat - lo) / (hi - lo).clamp(min=1e-8)).clamp(0.0, 1.0).view_as(images)
+
+
+def _rgb(images: Tensor) -> np.ndarray:
+    """(N, 3, h, w) in [0, 1] -> (N, h, w, 3) uint8, converted once for the writer."""
+    return images.permute(0, 2, 3, 1).mul(255.0).round().to(torch.uint8).cpu().numpy()
+
+
+def filter_grid(model: nn.Module, layer: LayerInfo, spec: InputSpec, count: int, options: AscentOptions) -> np.ndarray:
+    """The grid PNG of `camcli filters --layer`: channels 0..count-1, row by row."""
+    channels = torch.arange(min(count, layer.channels))
+    return tile_grid(_rgb(stretch(maximise_channels(model, layer.name, channels, spec, options))))
+
+
+def kernel_grid(model: nn.Module) -> np.ndarray:
+    """The first convolution's kernels as RGB tiles, each min-max scaled on its own."""
+    return tile_grid(_rgb(stretch(first_conv_kernels(model), 0.0, 1.0)), min_side=32)

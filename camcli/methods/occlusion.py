@@ -1,7 +1,8 @@
 """Occlusion: Zeiler, Fergus, "Visualizing and Understanding Convolutional Networks",
 ECCV 2014 (section 4.2, fig. 7).
 
-A patch of side `--patch` slides over the input with step `--stride`; under each
+A patch of side `--patch` (32 px) slides over the input with step `--stride` (half
+the patch); under each
 position the input is replaced by a baseline (`--occlusion-fill`: the dataset mean,
 i.e. 0 in normalised input space, a colour, or a blurred copy of the image) and
 M_ij = mean over the patches p covering pixel ij of (P_c(x) - P_c(x with p occluded)),
@@ -55,9 +56,14 @@ class Occlusion(PerturbationMethod):
     in_all = False
     settings = ("patch", "stride", "fill")
 
-    def __init__(self, patch: int = 32, stride: int = 16, fill: str | tuple[float, float, float] = "mean") -> None:
+    def __init__(
+        self, patch: int = 32, stride: int | None = None, fill: str | tuple[float, float, float] = "mean"
+    ) -> None:
+        stride = max(1, patch // 2) if stride is None else stride  # default: patches overlap by half
         if patch < 1 or stride < 1:
             raise UsageError(f"--patch and --stride must be at least 1, not {patch} and {stride}")
+        if stride > patch:
+            raise UsageError(f"--stride {stride} is larger than --patch {patch}: some pixels would never be occluded")
         if isinstance(fill, str) and fill not in ("mean", "blur"):
             raise UsageError(f"--occlusion-fill must be mean, blur or R,G,B, not {fill!r}")
         self.patch = patch
