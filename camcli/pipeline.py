@@ -193,9 +193,11 @@ class ExplainRun:
                 sizes = [d.image.shape[:2] for d in good]  # type: ignore[union-attr]
                 found = [boxes.lookup(d.item) for d in good] if boxes is not None else None
                 per_image = [b.boxes if b is not None else None for b in found] if found is not None else None
-                metrics = evaluate_batch(
-                    self.explainer.model, batch, result.explanations, sizes, per_image, self.options.metrics
+                scored = [e for e in result.explanations if not e.is_tiles]  # layer channels are no heatmap
+                values = iter(
+                    evaluate_batch(self.explainer.model, batch, scored, sizes, per_image, self.options.metrics)
                 )
+                metrics = [None if e.is_tiles else next(values) for e in result.explanations]
         arrays = _to_numpy(result, metrics) if result is not None else None
         position = 0
         for entry in decoded:
@@ -384,7 +386,7 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor] | None] | None = None) -> dict[str, Any]:
     """Everything the writers need from a batch, moved to the CPU once."""
     probs = result.logits.float().softmax(1)
     top = probs.topk(min(5, probs.shape[1]), dim=1)
@@ -398,7 +400,9 @@ def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor]] | None
                 "scores": probs.gather(1, e.targets[:, None]).squeeze(1).cpu().numpy(),
                 "maps": e.maps.float().cpu().numpy(),
                 "flat": e.flat.cpu().numpy(),
-                "metrics": None if metrics is None else {k: v.cpu().numpy() for k, v in metrics[n].items()},
+                "metrics": None
+                if metrics is None or metrics[n] is None
+                else {k: v.cpu().numpy() for k, v in metrics[n].items()},
                 "channels": None if e.channels is None else e.channels.cpu().numpy(),
             }
         )

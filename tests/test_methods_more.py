@@ -531,10 +531,14 @@ def test_explain_new_methods_end_to_end(tmp_path, samples_dir) -> None:
     for entry in entries.values():
         heat = np.load(tmp_path / entry["heatmap"])
         assert heat.shape == (record["height"], record["width"]) and 0 <= heat.min() and heat.max() <= 1
-    tiles = CliRunner().invoke(app, args[:11] + ["-m", "activations", "--tiles", "6", "--layer", "layer2"])
+    tiles = CliRunner().invoke(
+        app,
+        args[:11] + ["-m", "activations,layercam", "--tiles", "6", "--layer", "layer2", "--metrics", "--steps", "2"],
+    )
     assert tiles.exit_code == 0, tiles.output
-    entry = json.loads((tmp_path / "skimage_coffee.png.json").read_text())["explanations"][0]
+    entry, scored = json.loads((tmp_path / "skimage_coffee.png.json").read_text())["explanations"]
     assert entry["layer"] == "layer2" and len(entry["channels"]) == 6
+    assert "metrics" not in entry and "deletion_auc" in scored["metrics"]  # tiles are no heatmap to score
     assert np.load(tmp_path / entry["heatmap"]).shape == (6, 8, 8)
 
 
