@@ -10,8 +10,8 @@ optimised together, one image per channel in one batch (the model is in eval mod
 the images do not interact). The forward stops at the layer: nothing after it runs.
 
 The defaults (64 px, 48 Adam steps, lr 0.05 in [0, 1] pixel space) keep a CPU run
-for a middle layer of the default model well under a minute (37 s of CPU time for
-`_blocks.5`, model loading included); more steps and pixels give crisper patterns.
+for a middle layer of the default model under a minute (about 30 s for `_blocks.5` on
+a busy 2-core CPU, loading included); more steps and pixels give crisper patterns.
 """
 
 from __future__ import annotations
