@@ -517,7 +517,7 @@ def test_filters_command(tmp_path) -> None:
 # --- end to end --------------------------------------------------------------------------------
 
 
-def test_explain_new_methods_end_to_end(tmp_path, samples_dir) -> None:
+def test_explain_new_methods_end_to_end(tmp_path, samples_dir, validate_record) -> None:
     args = ["explain", str(samples_dir / "skimage_coffee.png"), "--model", "resnet18", "--weights", "none"]
     args += ["--input-size", "64", "-o", str(tmp_path), "--save-heatmap", "--layer", "layer3,layer4"]
     args += ["-m", "layercam,smoothgrad,occlusion", "--samples", "2", "--patch", "16", "--stride", "16"]
@@ -525,6 +525,7 @@ def test_explain_new_methods_end_to_end(tmp_path, samples_dir) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "skimage_coffee.png.json").read_text())
+    validate_record(record)
     assert record["request"]["layer"] == "layer3,layer4"
     entries = {e["method"]: e for e in record["explanations"]}
     assert entries["layercam"]["layer"] == "layer3,layer4" and entries["occlusion"]["layer"] is None
@@ -536,7 +537,9 @@ def test_explain_new_methods_end_to_end(tmp_path, samples_dir) -> None:
         args[:11] + ["-m", "activations,layercam", "--tiles", "6", "--layer", "layer2", "--metrics", "--steps", "2"],
     )
     assert tiles.exit_code == 0, tiles.output
-    entry, scored = json.loads((tmp_path / "skimage_coffee.png.json").read_text())["explanations"]
+    record = json.loads((tmp_path / "skimage_coffee.png.json").read_text())
+    validate_record(record)
+    entry, scored = record["explanations"]
     assert entry["layer"] == "layer2" and len(entry["channels"]) == 6
     assert "metrics" not in entry and "deletion_auc" in scored["metrics"]  # tiles are no heatmap to score
     assert np.load(tmp_path / entry["heatmap"]).shape == (6, 8, 8)
