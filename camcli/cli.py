@@ -198,6 +198,14 @@ def explain(
         str | None, typer.Option("--occlusion-fill", help="Occlusion: mean (default), blur, or R,G,B in 0-255.")
     ] = None,
     tiles: Annotated[int | None, typer.Option("--tiles", min=1, help="activations: channels shown (16).")] = None,
+    scorecam_top: Annotated[
+        int | None,
+        typer.Option(
+            "--scorecam-top",
+            min=1,
+            help="Score-CAM: score only the N strongest channels (an approximation; default: all).",
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
@@ -226,8 +234,12 @@ def _method_settings(opts: dict[str, Any], spec: InputSpec | None) -> dict[str, 
         "stride": opts["stride"],
         "fill": fill,
         "tiles": opts["tiles"],
+        "scorecam_top": opts["scorecam_top"],
     }
     return {key: value for key, value in settings.items() if value is not None}
+
+
+_METHOD_OPTIONS = ("samples", "noise", "patch", "stride", "occlusion_fill", "tiles", "scorecam_top")
 
 
 def _explain(**opts: Any) -> int:
@@ -294,6 +306,9 @@ def _explain(**opts: Any) -> int:
         }
     if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
         request["grid"] = True
+    method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}
+    if method_options:  # a changed --samples or --scorecam-top redoes the images
+        request["method_options"] = method_options
     options = RunOptions(
         out_dir=opts["out"],
         batch_size=opts["batch_size"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import cv2
 import numpy as np
@@ -102,3 +103,16 @@ def test_scorecam_top_scores_only_the_strongest_channels() -> None:
     expected = acts["a"][torch.arange(2), strongest]
     lo, hi = expected.amin((1, 2), keepdim=True), expected.amax((1, 2), keepdim=True)
     torch.testing.assert_close(maps(1), (expected - lo) / (hi - lo), atol=1e-5, rtol=0)
+
+
+def test_scorecam_top_option_reaches_the_method_and_the_request(tmp_path, samples_dir) -> None:
+    args = ["explain", str(samples_dir / "skimage_coffee.png"), "-o", str(tmp_path), "-q", "-m", "scorecam"]
+    args += ["--model", "resnet18", "--weights", "none", "--input-size", "64", "--scorecam-top", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "skimage_coffee.png.json").read_text())
+    assert record["request"]["method_options"] == {"scorecam_top": 3}
+    again = CliRunner().invoke(app, args[:-1] + ["4"])  # another N: the image is redone, not skipped
+    assert again.exit_code == 0, again.output
+    record = json.loads((tmp_path / "skimage_coffee.png.json").read_text())
+    assert record["request"]["method_options"] == {"scorecam_top": 4}
