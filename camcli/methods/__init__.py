@@ -44,7 +44,6 @@ def method_classes() -> list[type[Method]]:
     return list(_REGISTRY.values())
 
 
-
 def get_method(name: str, settings: Mapping[str, Any] | None = None) -> Method:
     """An instance of the method called `name`, or a usage error with suggestions.
 

@@ -33,8 +33,11 @@ class ScoreCAM(CamMethod):
     cost = "1 + K forwards"
     settings = ("scorecam_top",)
 
-    def __init__(self, scorecam_top: int | None = None) -> None:
+    def __init__(self, scorecam_top: int | None = None, align_corners: bool = False) -> None:
         self.top = scorecam_top
+        # False as in the official code; True reproduces pytorch-grad-cam's masks
+        # (UpsamplingBilinear2d), for comparisons only: not a CLI option.
+        self.align_corners = align_corners
 
     def weights(self, ctx: CamContext) -> Tensor:
         acts = ctx.activations
@@ -51,7 +54,9 @@ class ScoreCAM(CamMethod):
         with torch.inference_mode():
             for chunk in pairs.split(ctx.chunk_size):
                 b, c = chunk.unbind(1)
-                masks = F.interpolate(acts[b, c].unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False)
+                masks = F.interpolate(
+                    acts[b, c].unsqueeze(1).float(), size=size, mode="bilinear", align_corners=self.align_corners
+                )
                 lo = masks.amin(dim=(2, 3), keepdim=True)
                 span = masks.amax(dim=(2, 3), keepdim=True) - lo
                 masks = (masks - lo) / span.clamp(min=torch.finfo(masks.dtype).tiny)
