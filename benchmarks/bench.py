@@ -200,6 +200,7 @@ def scorecam(rounds: int, images: int) -> None:
     limit = (1 + k_mean) * one_forward
     print(f"images: {', '.join(p.name for p in paths)}; non-constant channels K: {live.tolist()} of {flat.shape[1]}")
     print(f"one forward at the best batch ({best_key}): {one_forward * 1e3:.1f} ms per input")
+    print("ms per input by layout @ batch: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in per_input.items()))
     print(header("contender", "s/image", "x limit"))
     print(row("limit (1 + K) forwards", f"{limit:.2f}", "1.00"))
     print(row("camcli scorecam", f"{ours_time:.2f}", f"{ours_time / limit:.2f}"))
