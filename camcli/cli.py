@@ -152,6 +152,8 @@ def explain(
     input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
     mean: Annotated[str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
+    # 32: the fastest per input on a 2-core CPU (Lite0, channels_last: 17.2 / 15.4 / 28.3 ms per
+    # input at 16 / 32 / 64, benchmarks/RESULTS.md), and ~20 MB of input per chunk at 224 px.
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")] = 32,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
     max_pixels: Annotated[
