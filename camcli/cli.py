@@ -28,6 +28,7 @@ from camcli.io import (
     check_writable,
     collect_inputs,
     encode_image,
+    json_text,
 )
 from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
@@ -338,7 +339,7 @@ def _explain(**opts: Any) -> int:
         if summary_table is not None:
             summary_table.add(record)
         if opts["jsonl"]:
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.write(json_text(record) + "\n")
             sys.stdout.flush()
 
     def report_error(message: str) -> None:

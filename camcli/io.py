@@ -314,8 +314,16 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def json_text(record: dict[str, Any], indent: int | None = None) -> str:
+    """JSON that any UTF-8 stream accepts: a file name that is not valid UTF-8 (its bytes
+    decoded by Python as lone surrogates) is written as its \\udcXX escape, which JSON
+    readers turn back into the same string."""
+    text = json.dumps(record, indent=indent, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def json_bytes(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode()
+    return (json_text(record, indent=2) + "\n").encode()
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -432,3 +432,21 @@ def test_truncated_multi_picture_jpeg_from_a_camera_is_refused(tmp_path) -> None
     assert np.abs(decode_image(write(tmp_path, "mpo.jpg", data)).astype(int) - GOOD).mean() < 5
     with pytest.raises(ImageError, match="corrupt MPO file: image file is truncated"):
         decode_image(write(tmp_path, "cut.jpg", data[: len(data) // 4]))
+
+
+def test_file_name_that_is_not_utf8(tmp_path) -> None:
+    """A name whose bytes are not UTF-8 (Python holds it as lone surrogates) is explained,
+    and its JSON and JSONL line are valid JSON that gives the same name back."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"bad\xff name.png")
+    with open(raw, "wb") as handle:
+        handle.write(encoded(Image.fromarray(photo()), "PNG"))
+    name = os.fsdecode(b"bad\xff name.png")
+    result = invoke(str(folder), "-o", str(out), "--jsonl", "-q", *TINY)
+    assert result.exit_code == 0, result.output
+    line = json.loads(result.stdout.splitlines()[0])
+    record = json.loads((out / f"{name}.json").read_text(encoding="utf-8"))
+    assert Path(line["image"]).name == Path(record["image"]).name == name
+    assert record["error"] is None
+    assert (out / record["explanations"][0]["overlay"]).is_file()
