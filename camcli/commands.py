@@ -52,12 +52,13 @@ def method_rows() -> list[dict[str, Any]]:
 
 
 def short_paper(paper: str) -> str:
-    """'Zhou, Khosla, ..., CVPR 2016' -> 'Zhou et al., CVPR 2016'."""
+    """'Zhou, Khosla, ..., CVPR 2016' -> 'Zhou et al., CVPR 2016'; two authors stay
+    both ('Zeiler & Fergus, ECCV 2014'); one author is left as written."""
     parts = [p.strip() for p in paper.split(",")]
     if len(parts) <= 2:
         return paper
     authors, venue = parts[:-1], parts[-1]
-    lead = authors[0] if len(authors) == 1 else f"{authors[0]} et al."
+    lead = f"{authors[0]} & {authors[1]}" if len(authors) == 2 else f"{authors[0]} et al."
     return f"{lead}, {venue}"
 
 

@@ -19,7 +19,7 @@ from camcli.methods.base import LayerImageMethod
 class Activations(LayerImageMethod):
     name = "activations"
     title = "Layer activations"
-    paper = "Chollet, Deep Learning with Python, Manning 2017, 5.4.1"
+    paper = "Chollet, Manning 2017 (Deep Learning with Python 5.4.1)"
     url = "https://www.manning.com/books/deep-learning-with-python"
     needs = "nothing"
     cost = "1 forward"

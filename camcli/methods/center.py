@@ -38,7 +38,7 @@ def centered_gaussian(height: int, width: int, device: torch.device | str = "cpu
 class Center(CamMethod):
     name = "center"
     title = "Centred Gaussian (baseline)"
-    paper = "centre-bias baseline, as in Judd, Ehinger, Durand, Torralba, ICCV 2009"
+    paper = "Judd, Ehinger, Durand, Torralba, ICCV 2009 (centre bias)"
     url = "https://people.csail.mit.edu/tjudd/WherePeopleLook/"
     needs = "nothing (ignores the model)"
     cost = "none"
