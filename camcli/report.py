@@ -60,13 +60,18 @@ class Expected:
 
     index: int | None
     name: str | None
+    also: tuple[int, ...] = ()  # other indices that count as right (`acceptable_classes`)
 
     def text(self) -> str:
         if self.name is not None and self.index is not None:
-            return f"{self.name} ({self.index})"
-        return self.name if self.name is not None else f"class {self.index}"
+            text = f"{self.name} ({self.index})"
+        else:
+            text = self.name if self.name is not None else f"class {self.index}"
+        return text + (f" or {', '.join(map(str, self.also))}" if self.also else "")
 
     def matches(self, prediction: dict[str, Any]) -> bool:
+        if prediction.get("index") in self.also:
+            return True
         if self.index is not None:
             return prediction.get("index") == self.index
         return str(prediction.get("label", "")).strip().casefold() == (self.name or "").strip().casefold()
@@ -74,7 +79,8 @@ class Expected:
 
 def load_expected(path: Path) -> dict[str, Expected]:
     """Read --labels-expected: a JSON object {image: class name or index}, or a list of
-    {"file", "class_index" and/or "class_name"} like samples/labels.json."""
+    {"file", "class_index" and/or "class_name", optionally "acceptable_classes"} like
+    samples/labels.json."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -95,7 +101,10 @@ def load_expected(path: Path) -> dict[str, Expected]:
                 raise UsageError(
                     f"--labels-expected {path}: {entry['file']} needs an integer class_index and/or a class_name"
                 )
-            expected[entry["file"]] = Expected(index, name)
+            also = entry.get("acceptable_classes") or []
+            if not isinstance(also, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in also):
+                raise UsageError(f"--labels-expected {path}: {entry['file']}: acceptable_classes must list indices")
+            expected[entry["file"]] = Expected(index, name, tuple(i for i in also if i != index))
     else:
         raise UsageError(f"--labels-expected {path} must hold a JSON object or list")
     return expected
