@@ -292,10 +292,12 @@ def evaluate_batch(
     image_sizes: Sequence[tuple[int, int]],
     boxes: Sequence[Sequence[Box] | None] | None,
     options: MetricOptions,
+    logits: Tensor | None = None,
 ) -> list[dict[str, Tensor]]:
     """Every metric for every explanation of a batch: one dict of (B,) float tensors
     per explanation, in its order. Box metrics are NaN for images without boxes;
-    pointing_game is 1.0 (hit) or 0.0 (miss)."""
+    pointing_game is 1.0 (hit) or 0.0 (miss). `logits`: the clean batch's, when the
+    caller has them already (the engine does), so the clean forward is not run twice."""
     if not explanations:
         return []
     batch, size = inputs.shape[0], tuple(inputs.shape[-2:])
@@ -305,8 +307,12 @@ def evaluate_batch(
     sample = torch.arange(batch, device=device).repeat(len(explanations))
     targets = torch.cat([e.targets.to(device) for e in explanations])
     with frozen(model):
-        with torch.inference_mode():  # one clean forward per image, shared by every map
-            probabilities = torch.cat([model(chunk).float().softmax(1) for chunk in inputs.split(options.chunk_size)])
+        if logits is not None:
+            probabilities = logits.to(device).float().softmax(1)
+        else:
+            with torch.inference_mode():  # one clean forward per image, shared by every map
+                chunks = inputs.split(options.chunk_size)
+                probabilities = torch.cat([model(chunk).float().softmax(1) for chunk in chunks])
         clean = probabilities[sample, targets]
         deletion, insertion = perturbation_curves(model, inputs, model_maps, sample, targets, options, clean)
         drop, increase = confidence_change(model, inputs, model_maps, sample, targets, options.chunk_size, clean)

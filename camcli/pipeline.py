@@ -200,7 +200,9 @@ class ExplainRun:
                 per_image = [b.boxes if b is not None else None for b in found] if found is not None else None
                 scored = [e for e in result.explanations if not e.is_tiles]  # layer channels are no heatmap
                 values = iter(
-                    evaluate_batch(self.explainer.model, batch, scored, sizes, per_image, self.options.metrics)
+                    evaluate_batch(
+                        self.explainer.model, batch, scored, sizes, per_image, self.options.metrics, result.logits
+                    )
                 )
                 metrics = [None if e.is_tiles else next(values) for e in result.explanations]
         arrays = _to_numpy(result, metrics) if result is not None else None
