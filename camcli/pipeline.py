@@ -306,13 +306,15 @@ class ExplainRun:
                 height, width = entry.image.shape[:2]
                 panels = []
                 for e, meta in zip(arrays["explanations"], record["explanations"], strict=True):
-                    raw = e["maps"][i] if e["channels"] is not None else heatmap_at_size(e["maps"][i], width, height)
                     if e["channels"] is not None:  # layer channels (N, h, w): one tile each
+                        raw = e["maps"][i]
                         picture = tile_grid(colorize(raw, options.colormap))
-                    elif raw.ndim == 3:  # input gradient (H, W, 3): deprocessed image
-                        picture = gradient_image(raw)
                     else:
-                        picture = overlay(entry.image, raw, options.colormap, options.alpha)
+                        raw = heatmap_at_size(e["maps"][i], width, height)
+                        if raw.ndim == 3:  # input gradient (H, W, 3): deprocessed image
+                            picture = gradient_image(raw)
+                        else:
+                            picture = overlay(entry.image, raw, options.colormap, options.alpha)
                     panels.append((picture, meta))
                     if options.grid_only:
                         continue
