@@ -21,16 +21,15 @@ from torch import nn
 from camcli import __version__
 from camcli.methods import method_classes
 from camcli.models import (
-    _UNSUPPORTED,
     DEFAULT_MODEL,
     TIMM_PREFIX,
     InputSpec,
     resolve_layer,
-    timm_available,
     timm_cached_weights,
-    torchvision_model_names,
     trace_forward,
 )
+from camcli.models.sources.timm import timm_available
+from camcli.models.sources.torchvision import _UNSUPPORTED, torchvision_model_names
 
 # --- methods ----------------------------------------------------------------------------------
 

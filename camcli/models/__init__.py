@@ -1,0 +1,63 @@
+"""Models: the zoo of families (`zoo`, `sources/`), safe weights (`weights`), input
+recipes and class names (`spec`), and target-layer resolution (`layers`).
+
+This module re-exports the names the rest of camcli uses, so callers need not know
+which file holds what.
+"""
+
+from __future__ import annotations
+
+from camcli.models.layers import (
+    POOLING_MODULES,
+    ForwardTrace,
+    LayerInfo,
+    resolve_layer,
+    trace_forward,
+)
+from camcli.models.spec import (
+    DEFAULT_MODEL,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TIMM_PREFIX,
+    InputSpec,
+    LoadedModel,
+    check_labels,
+    default_input,
+    imagenet_categories,
+    read_labels,
+)
+from camcli.models.weights import (
+    apply_state_dict,
+    cached_state_dict,
+    read_state_dict,
+    read_weights_file,
+    timm_cached_weights,
+)
+from camcli.models.zoo import ModelSource, list_models, load_model, register_source
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "POOLING_MODULES",
+    "TIMM_PREFIX",
+    "ForwardTrace",
+    "InputSpec",
+    "LayerInfo",
+    "LoadedModel",
+    "ModelSource",
+    "apply_state_dict",
+    "cached_state_dict",
+    "check_labels",
+    "default_input",
+    "imagenet_categories",
+    "list_models",
+    "load_model",
+    "read_labels",
+    "read_state_dict",
+    "read_weights_file",
+    "register_source",
+    "resolve_layer",
+    "timm_cached_weights",
+    "trace_forward",
+]

@@ -1,0 +1,1 @@
+"""Model families, one module each; `camcli.models.zoo` imports them on first use."""

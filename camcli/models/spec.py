@@ -1,0 +1,99 @@
+"""What a loaded model is: its input recipe, its class names, the constants they default to.
+
+Kept free of torch so light commands (help, listings) can read it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from camcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+DEFAULT_MODEL = "efficientnet_lite0"
+TIMM_PREFIX = "timm:"  # --model timm:NAME[.TAG]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes the model's input: the whole image resized to size x size."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": [self.size, self.size], "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain, with what the outputs need to say about it."""
+
+    model: nn.Module
+    name: str
+    weights: str  # what was loaded, for the JSON and for resume checks
+    input: InputSpec
+    categories: list[str] | None  # class names, or None for unnamed classes
+
+    def label(self, index: int) -> str:
+        if self.categories is not None and 0 <= index < len(self.categories):
+            return self.categories[index]
+        return f"class {index}"
+
+
+def imagenet_categories() -> list[str]:
+    """The 1,000 ImageNet class names in torchvision's order (static metadata: no download)."""
+    import torchvision
+
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+
+def default_input() -> InputSpec:
+    """The ImageNet recipe most CNNs are trained with: 224 px, ImageNet mean and std."""
+    return InputSpec(224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+
+
+def is_weights_path(weights: str) -> bool:
+    """True if `--weights` names a file rather than a named set of weights."""
+    return os.sep in weights or Path(weights).suffix in WEIGHT_SUFFIXES or Path(weights).is_file()
+
+
+def read_labels(path: Path) -> list[str]:
+    """Class names from `--labels`: a JSON list of strings, or one name per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--labels {path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--labels {path}: not UTF-8 text") from None
+    if path.suffix.lower() == ".json" or text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"--labels {path}: invalid JSON ({exc})") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"--labels {path}: expected a JSON list of class names")
+    else:
+        names = [line.strip() for line in text.rstrip().splitlines()]
+        if "" in names:
+            raise UsageError(f"--labels {path}: line {names.index('') + 1} is empty (one class name per line)")
+    if not names:
+        raise UsageError(f"--labels {path}: no class names")
+    return names
+
+
+def check_labels(loaded: LoadedModel, num_classes: int, source: str = "--labels") -> None:
+    """Refuse class names whose count differs from the model's outputs (every index must have a name)."""
+    if loaded.categories is not None and len(loaded.categories) != num_classes:
+        raise UsageError(f"{source}: {len(loaded.categories)} class names for a model with {num_classes} outputs")

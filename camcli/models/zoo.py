@@ -1,0 +1,105 @@
+"""The model zoo: one small source per family, asked in order which one serves a `--model`.
+
+Adding a family means one module in `camcli/models/sources/` with a `ModelSource`
+subclass decorated with `@register_source`, and its name in `_SOURCES` below. The last
+source (torchvision) takes every name no earlier source claimed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from camcli.errors import UsageError
+from camcli.models.spec import InputSpec, LoadedModel, read_labels
+
+
+class ModelSource:
+    """A family of models `--model` can name: which names it claims and how it builds them."""
+
+    name: ClassVar[str]  # shown by `camcli models`
+    catch_all: ClassVar[bool] = False  # asked last: takes every name the others leave
+
+    def claims(self, model: str) -> bool:
+        """True if `model` (the `--model` string) belongs to this family."""
+        raise NotImplementedError
+
+    def load(self, model: str, weights: str | None) -> LoadedModel:
+        """Build `model` with `weights` (``None`` = the family's default) on the CPU."""
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        """The names `camcli models` lists for this family (may be empty)."""
+        return []
+
+
+_REGISTRY: list[ModelSource] = []
+
+
+def register_source(cls: type[ModelSource]) -> type[ModelSource]:
+    """Class decorator adding a source; sources are asked in registration order."""
+    if any(type(source) is cls for source in _REGISTRY):
+        raise RuntimeError(f"model source {cls.__name__} is registered twice")
+    _REGISTRY.append(cls())
+    return cls
+
+
+# Order matters: prefixes and factory specs first, the torchvision catch-all last.
+_SOURCES = ("timm", "factory", "lite0", "torchvision")
+
+
+def sources() -> list[ModelSource]:
+    """The registered sources in the order they are asked, imported on first use (no
+    import-time cost); the catch-all comes last."""
+    for module in _SOURCES:
+        importlib.import_module(f"camcli.models.sources.{module}")
+    return sorted(_REGISTRY, key=lambda source: source.catch_all)
+
+
+def source_for(model: str) -> ModelSource:
+    for source in sources():
+        if source.claims(model):
+            return source
+    raise UsageError(f"unknown model {model!r}; `camcli models` lists them")  # pragma: no cover - catch-all
+
+
+def list_models() -> list[str]:
+    """Every model name `--model` accepts (besides `package.module:factory`), family by family."""
+    return [name for source in sources() for name in source.names()]
+
+
+def load_model(
+    name: str | None = None,
+    weights: str | None = None,
+    *,
+    input_size: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    labels: str | Path | Sequence[str] | None = None,
+) -> LoadedModel:
+    """Build `name` with `weights` (enum member, ``none`` or a file) in eval mode on the CPU.
+
+    ``weights=None`` means the default: the pretrained weights for zoo models (for
+    ``timm:NAME`` only from the local cache), the factory's own initialisation for
+    ``package.module:factory``. `labels` (a list, or a file read by `read_labels`)
+    names the classes of a model that has its own; `check_labels` compares the count
+    once the model's class count is known.
+    """
+    from camcli.models.spec import DEFAULT_MODEL
+
+    name = name or DEFAULT_MODEL
+    loaded = source_for(name).load(name, weights)
+    loaded.model.eval()
+    if input_size is not None or mean is not None or std is not None:
+        spec = loaded.input
+        loaded.input = InputSpec(
+            size=input_size or spec.size,
+            mean=mean or spec.mean,
+            std=std or spec.std,
+            interpolation=spec.interpolation,
+        )
+    if labels is not None:
+        loaded.categories = read_labels(Path(labels)) if isinstance(labels, (str, Path)) else list(labels)
+    return loaded
