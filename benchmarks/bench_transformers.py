@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench import best_times  # noqa: E402
 
 from camcli.engine import Explainer, TargetSpec  # noqa: E402
 from camcli.methods import parse_methods  # noqa: E402
@@ -36,19 +38,6 @@ try:
     import torchcam.methods as torchcam_methods
 except ImportError:  # the optional anchor
     torchcam_methods = None
-
-
-def best_times(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best wall time of each contender over `rounds` interleaved rounds (one warm-up)."""
-    for run in contenders.values():
-        run()
-    best = dict.fromkeys(contenders, float("inf"))
-    for _ in range(rounds):
-        for name, run in contenders.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main() -> None:
