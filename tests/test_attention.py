@@ -405,3 +405,35 @@ def test_grid_follows_the_input_not_a_fixed_size() -> None:
 def test_methods_are_registered_outside_all() -> None:
     assert set(METHODS) <= set(list_methods())
     assert not {m.name for m in parse_methods("all")} & set(METHODS)
+
+
+def test_cli_writes_the_maps_and_a_valid_record(tmp_path, monkeypatch, samples_dir, validate_record) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from camcli.cli import app
+
+    (tmp_path / "vitfactory.py").write_text(
+        "import torch\nfrom torchvision.models import VisionTransformer\n\n\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    model = VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=10)\n"
+        "    torch.nn.init.normal_(model.heads.head.weight, std=0.5)\n"
+        "    return model\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    args = ["explain", str(samples_dir / "skimage_chelsea.png"), "--model", "vitfactory:build", "--input-size", "32"]
+    result = CliRunner().invoke(app, [*args, "-m", ",".join(METHODS), "-o", str(out), "--save-heatmap"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "skimage_chelsea.png.json").read_text())
+    validate_record(record)
+    assert [(e["method"], e["layer"]) for e in record["explanations"]] == [(m, None) for m in METHODS]
+    for method in METHODS:
+        assert (out / f"skimage_chelsea.png.{method}.png").exists()
+    tiny_cnn = ["--model", "tiny_models:brightness", "--input-size", "32"]
+    refused = CliRunner().invoke(app, [*args[:2], *tiny_cnn, "-m", "rollout", "-o", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "rollout reads the attention" in refused.output
+    assert not list((tmp_path / "x").glob("**/*.*"))  # nothing written
