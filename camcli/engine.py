@@ -8,7 +8,9 @@ gradients. With several layers (`--layer a,b`) all are captured in that forward 
 one `torch.autograd.grad` call returns the gradients of all of them; each method's
 normalised maps are averaged. Input-gradient methods (guided backprop, saliency,
 SmoothGrad's noisy copies) take one more forward and a backward to the input;
-perturbation methods (occlusion) extra forwards without autograd. Every hook and every
+perturbation methods (occlusion) extra forwards without autograd; attention methods
+(LeGrad, rollouts) one forward that captures every block's attention (`camcli.attention`)
+and, when they need gradients, backwards to those attentions only. Every hook and every
 flag the engine changes is put back in `finally`, whatever a method raises.
 """
 
@@ -26,8 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from camcli.attention import Transformer, capture_attention, find_transformer
 from camcli.errors import MethodNotApplicable, UsageError
 from camcli.methods import (
+    AttentionContext,
+    AttentionMethod,
     CamContext,
     CamMethod,
     CombinedMethod,
@@ -285,7 +290,9 @@ class Explainer:
         self._gradient = [m for m in wanted.values() if isinstance(m, InputGradientMethod)]
         self._perturbation = [m for m in wanted.values() if isinstance(m, PerturbationMethod)]
         self._layer_image = [m for m in wanted.values() if isinstance(m, LayerImageMethod)]
+        self._attention = [m for m in wanted.values() if isinstance(m, AttentionMethod)]
         self._check_applicable()
+        self._transformer = _transformer_for(model, self._attention)
 
     def _check_applicable(self) -> None:
         for method in self._cam:
@@ -313,6 +320,8 @@ class Explainer:
                 logits, targets = self._cam_pass(inputs, target, results)
             for method in self._gradient:
                 logits, targets = self._gradient_pass(inputs, target, targets, logits, method, results)
+            if self._attention:
+                logits, targets = self._attention_pass(inputs, target, targets, logits, results)
             if self._perturbation:
                 logits, targets = self._perturbation_pass(inputs, target, targets, logits, results)
         assert logits is not None and targets is not None
@@ -435,6 +444,55 @@ class Explainer:
         assert logits is not None
         return logits.detach(), targets
 
+    def _attention_pass(
+        self,
+        inputs: Tensor,
+        target: TargetSpec,
+        targets: list[Tensor] | None,
+        logits: Tensor | None,
+        results: dict[tuple[str, int], Explanation],
+    ) -> tuple[Tensor, list[Tensor]]:
+        """One forward capturing every block's attention; per target rank, the gradients the
+        methods ask for: of the target logit (one call for all blocks) and of each block's own
+        score (one small call per block, which runs only that block and the head backwards)."""
+        transformer = self._transformer
+        assert transformer is not None
+        kinds = {m.gradient for m in self._attention} - {None}
+        with capture_attention(transformer, track_grad=bool(kinds), keep_tokens="block" in kinds) as captured:
+            with torch.set_grad_enabled(bool(kinds)):
+                out = self.model(inputs)
+        attentions = captured.checked(transformer)
+        grid = transformer.grid((int(inputs.shape[-2]), int(inputs.shape[-1])), int(attentions[0].shape[-1]))
+        if targets is None:
+            logits, targets = out.detach(), target.resolve(out)
+        assert logits is not None
+        detached = [a.detach() for a in attentions]
+        for rank, rank_targets in enumerate(targets):
+            gradients: dict[str | None, list[Tensor] | None] = {None: None}
+            if "logit" in kinds:
+                score = out.gather(1, rank_targets[:, None]).sum()
+                gradients["logit"] = _attention_grad(score, attentions)
+            if "block" in kinds:
+                assert transformer.block_logits is not None
+                with torch.enable_grad():
+                    gradients["block"] = [
+                        _attention_grad(transformer.block_logits(tokens).gather(1, rank_targets[:, None]).sum(), [a])[0]
+                        for tokens, a in zip(captured.tokens, attentions, strict=True)
+                    ]
+            for method in self._attention:
+                ctx = AttentionContext(
+                    attentions=detached,
+                    gradients=gradients[method.gradient],
+                    prefix=transformer.prefix,
+                    grid=grid,
+                    targets=rank_targets,
+                    logits=logits,
+                )
+                with torch.no_grad():
+                    maps, flat = normalise(method.attribute(ctx).relu())
+                results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
+        return logits.detach(), targets
+
     def _perturbation_pass(
         self,
         inputs: Tensor,
@@ -460,6 +518,30 @@ class Explainer:
                 maps, flat = normalise(attributions[rank].relu())
                 results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
         return logits, targets
+
+
+def _transformer_for(model: nn.Module, methods: Sequence[AttentionMethod]) -> Transformer | None:
+    """The model as a vision transformer the attention methods can read; each refuses by name."""
+    transformer = None
+    for method in methods:
+        transformer = find_transformer(model, method.name)
+        if method.needs_class_token and not transformer.class_token:
+            raise MethodNotApplicable(
+                f"{method.name} follows the class token's attention; this {transformer.family} has none (use legrad)"
+            )
+        if method.gradient == "block" and transformer.block_logits is None:
+            raise MethodNotApplicable(
+                f"{method.name} cannot score the blocks of this model: {transformer.no_block_logits}"
+            )
+    return transformer
+
+
+def _attention_grad(score: Tensor, attentions: list[Tensor]) -> list[Tensor]:
+    """d score / d each attention (the graph is kept for the next rank or block)."""
+    gradients = torch.autograd.grad(score, attentions, retain_graph=True, allow_unused=True)
+    if any(g is None for g in gradients):
+        raise MethodNotApplicable("the target's score does not depend on the attention of every block")
+    return list(gradients)
 
 
 def _fuse(normalised: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

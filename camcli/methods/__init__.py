@@ -13,6 +13,8 @@ from typing import Any
 
 from camcli.errors import UsageError
 from camcli.methods.base import (
+    AttentionContext,
+    AttentionMethod,
     CamContext,
     CamMethod,
     CombinedMethod,
@@ -89,11 +91,16 @@ _MODULES = (
     "occlusion",
     "activations",
     "center",
+    "legrad",
+    "rollout",
+    "gradrollout",
 )
 for _module in _MODULES:
     importlib.import_module(f"camcli.methods.{_module}")
 
 __all__ = [
+    "AttentionContext",
+    "AttentionMethod",
     "CamContext",
     "CamMethod",
     "CombinedMethod",

@@ -6,7 +6,8 @@ activations (or, through `cam_map`, a map of its own); an input-gradient method
 states how a rectifier passes gradients backwards and how input gradients become
 its result; a perturbation method scores modified inputs; a layer-image method
 picks channels of the layer to show; a combined method multiplies the results of
-the methods it needs. Options a method takes (`--samples`, `--patch`, ...) are
+the methods it needs; an attention method reads a vision transformer's attention
+probabilities (and their gradients) instead of a layer. Options a method takes (`--samples`, `--patch`, ...) are
 constructor arguments named in `settings`.
 """
 
@@ -121,4 +122,34 @@ class CombinedMethod(Method):
 
     def combine(self, gradient: Tensor, cam: Tensor) -> Tensor:
         """gradient (B, 3, H, W), cam (B, H, W) in [0, 1] -> (B, 3, H, W)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """What an attention method may read for one batch and one target rank (no layer)."""
+
+    attentions: list[Tensor]  # per block, in order: (B, heads, N, N) softmax probabilities, detached
+    gradients: list[Tensor] | None  # per block: d(score)/d(attention), the score as `gradient` asks
+    prefix: int  # leading non-patch tokens (class, distillation, registers); token 0 is the class token
+    grid: tuple[int, int]  # (h, w) of the N - prefix patch tokens, row-major
+    targets: Tensor  # (B,) class index per sample
+    logits: Tensor  # (B, num_classes), detached
+
+
+class AttentionMethod(Method):
+    """A map over the patch grid from the attention of every block of a vision transformer.
+
+    `gradient` says which gradients the engine computes: None (none), ``"logit"`` (of the
+    target's logit, one backward to every block's attention) or ``"block"`` (of each block's
+    own score, the final norm and head applied to that block's output, LeGrad's).
+    """
+
+    gradient: ClassVar[str | None] = None
+    needs_class_token: ClassVar[bool] = False  # reads the class token's row of the attention
+    # Not in `-m all` until `all` skips what does not apply (it would refuse every CNN).
+    in_all = False
+
+    def attribute(self, ctx: AttentionContext) -> Tensor:
+        """(B, h, w) map over the patch grid, before the engine's relu and normalisation."""
         raise NotImplementedError
