@@ -94,10 +94,10 @@ def explain(
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
     torch_device = resolve_device(device)
     loaded.model.to(torch_device)
-    info = resolve_layer(loaded.model, layer, loaded.input, torch_device)
+    info = resolve_layer(loaded.model, layer, loaded.input, torch_device, output_key=loaded.output_key)
     check_labels(loaded, info.num_classes, "labels")
     spec = methods if isinstance(methods, str) else ",".join(methods)
-    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size)
+    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size, output_key=loaded.output_key)
     target_spec = parse_target(None if target is None else str(target), topk, loaded.categories, info.num_classes)
     rgb = [_as_rgb(image) for image in _as_list(images)]
     results: list[ImageResult] = []
