@@ -155,6 +155,8 @@ def _input_spec(folder: Path, config: Any, trust_remote_code: bool) -> InputSpec
         std = tuple(float(v) for v in proc.image_std)
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if getattr(proc, "do_normalize", None) and getattr(proc, "include_top", False):  # EfficientNet divides twice
+        std = tuple(v * v for v in std)
     if getattr(proc, "rescale_offset", False):  # pixels to [-1, 1] before normalising: fold it into mean, std
         mean = tuple((1.0 + m) / 2.0 for m in mean)
         std = tuple(v / 2.0 for v in std)
