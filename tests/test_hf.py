@@ -124,10 +124,29 @@ def saved(tmp_path_factory) -> dict[str, Path]:
                 if isinstance(module, torch.nn.Linear) and module.out_features == 3:
                     module.weight.normal_(0, 0.5)
                     module.bias.normal_(0, 0.1)
+        _calibrate_batch_norm(model, config)
         model.save_pretrained(root / name)
         processor.save_pretrained(root / name)
         folders[name] = root / name
     return folders
+
+
+def _calibrate_batch_norm(model: torch.nn.Module, config) -> None:
+    """Running statistics from random batches, as training would leave them: with the default
+    (0, 1) statistics random deep nets saturate (EfficientNet's SiLUs reach -inf) and give flat maps."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    side = getattr(config, "image_size", 64)
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+    generator = torch.Generator().manual_seed(1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(4, 3, side, side, generator=generator) * 2 - 1)
+    model.eval()
 
 
 def _image(side: int) -> np.ndarray:
