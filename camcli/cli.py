@@ -34,7 +34,7 @@ from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
 from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
 from camcli.models.outputs import parse_output_key
-from camcli.pipeline import SCORES, ExplainRun, RunOptions
+from camcli.pipeline import ExplainRun, RunOptions, choose_score
 from camcli.render import COLORMAPS
 from camcli.report import write_report
 from camcli.schema import schema_text
@@ -339,7 +339,7 @@ def _explain(**opts: Any) -> int:
     layer = layers[0]
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes, opts["threshold"])
-    score = _score(opts["score"], target.threshold is not None, layer.binary)
+    score = choose_score(opts["score"], target.threshold is not None, layer.binary)
     explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"], output_key=output_key)
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
@@ -755,18 +755,6 @@ def _filters(
     for path, picture in pictures.items():
         atomic_write(path, encode_image(picture))
     return list(pictures)
-
-
-def _score(choice: str | None, multi_label: bool, binary: bool) -> str:
-    """`--score`: softmax by default; sigmoid for -t positive and for one-logit models,
-    whose two classes [-z, z] have no softmax of their own."""
-    if choice is None:
-        return "sigmoid" if multi_label or binary else "softmax"
-    if choice not in SCORES:
-        raise UsageError(f"unknown --score {choice!r}; use one of {', '.join(SCORES)}")
-    if binary and choice == "softmax":
-        raise UsageError("a model with one logit has no softmax: use --score sigmoid (its probability) or logit")
-    return choice
 
 
 def _dry_run(run: ExplainRun, items: list[Any], out: Path) -> int:

@@ -25,7 +25,7 @@ import torchvision
 from camcli import __version__
 from camcli.boxes import BoxIndex, box_iou, map_boxes
 from camcli.engine import BatchResult, Explainer, TargetSpec
-from camcli.errors import ImageError
+from camcli.errors import ImageError, UsageError
 from camcli.io import (
     DEFAULT_MAX_PIXELS,
     InputItem,
@@ -446,6 +446,18 @@ def class_scores(logits: torch.Tensor, score: str = "softmax") -> torch.Tensor:
     if score == "sigmoid":
         return logits.float().sigmoid()
     return logits.float()
+
+
+def choose_score(choice: str | None, multi_label: bool, binary: bool) -> str:
+    """`--score`: softmax by default; sigmoid for -t positive and for one-logit models,
+    whose two classes [-z, z] have no softmax of their own."""
+    if choice is None:
+        return "sigmoid" if multi_label or binary else "softmax"
+    if choice not in SCORES:
+        raise UsageError(f"unknown --score {choice!r}; use one of {', '.join(SCORES)}")
+    if binary and choice == "softmax":
+        raise UsageError("a model with one logit has no softmax: use --score sigmoid (its probability) or logit")
+    return choice
 
 
 def _kept(arrays: dict[str, Any], i: int) -> list[dict[str, Any]]:

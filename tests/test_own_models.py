@@ -319,3 +319,28 @@ def test_safetensors_and_pth_give_the_same_maps(tmp_path, samples_dir, model, si
     for a, b in zip(*maps, strict=True):
         assert a.std() > 0
         np.testing.assert_array_equal(a, b)
+
+
+def test_api_multi_label_and_binary_scores() -> None:
+    red_green, blue = _halves((255, 0, 0), (0, 255, 0)), np.full((32, 32, 3), (0, 0, 255), np.uint8)
+    loaded = load_model("tiny_models:three_labels", input_size=32, mean=(0, 0, 0), std=(1, 1, 1))
+    first, second = explain([red_green, blue], "gradcam", model=loaded, target="positive")
+    assert [e.target.index for e in first.explanations] == [0, 1]
+    assert [e.target.index for e in second.explanations] == [2]
+    assert second.predictions[0].score == pytest.approx(1 / (1 + np.exp(-7.5)))  # sigmoid, not softmax
+    binary = load_model("tiny_models:single_logit", input_size=32, mean=(0, 0, 0), std=(1, 1, 1))
+    (result,) = explain(red_green, "gradcam", model=binary, target=1)
+    assert result.explanations[0].target.score == pytest.approx(1 / (1 + np.exp(-(255 / 3 / 255 - 0.5))), abs=1e-5)
+
+
+def test_save_heatmap_takes_an_optional_value() -> None:
+    from camcli.cli import _save_heatmap_value
+
+    assert _save_heatmap_value(["a.png", "--save-heatmap", "raw", "-q"]) == [
+        "a.png",
+        "--save-heatmap",
+        "--save-heatmap-raw",
+        "-q",
+    ]
+    assert _save_heatmap_value(["--save-heatmap=map", "a.png"]) == ["--save-heatmap", "a.png"]
+    assert _save_heatmap_value(["--save-heatmap", "photos/"]) == ["--save-heatmap", "photos/"]
