@@ -42,28 +42,16 @@ needs_layouts = pytest.mark.skipif(not HAS_LAYOUTS, reason="needs issue 11's lay
 def _families() -> dict:
     T = transformers
     square = {"height": 32, "width": 32}
+    vit = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    vit["intermediate_size"] = 64
     return {
         "vit": (
-            T.ViTConfig(
-                image_size=32,
-                patch_size=8,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-            ),
+            T.ViTConfig(**vit),
             T.ViTForImageClassification,
             T.ViTImageProcessor(size=square),
         ),
         "deit": (
-            T.DeiTConfig(
-                image_size=32,
-                patch_size=8,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-            ),
+            T.DeiTConfig(**vit),
             T.DeiTForImageClassification,
             T.DeiTImageProcessor(size=square, crop_size=square),
         ),
