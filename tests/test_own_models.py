@@ -299,7 +299,7 @@ def test_weight_names_case_insensitive_and_each_choice_named_once() -> None:
     assert len(choices) == len(set(choices)) and choices.count("DEFAULT") == 1
 
 
-@pytest.mark.parametrize(("model", "size"), [("resnet18", 64), ("timm:resnet10t", 64)])
+@pytest.mark.parametrize(("model", "size"), [("resnet18", 64), ("timm:resnet10t", 64), ("tiny_models:brightness", 32)])
 def test_safetensors_and_pth_give_the_same_maps(tmp_path, samples_dir, model, size) -> None:
     from safetensors.torch import save_file
 
@@ -308,10 +308,10 @@ def test_safetensors_and_pth_give_the_same_maps(tmp_path, samples_dir, model, si
     torch.manual_seed(0)
     state = load_model(model, "none").model.state_dict()
     torch.save(state, tmp_path / "w.pth")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.SafeTensors"))  # any case
     image = samples_dir / "skimage_chelsea.png"
     maps = []
-    for name in ("w.pth", "w.safetensors"):
+    for name in ("w.pth", "w.SafeTensors"):
         loaded = load_model(model, str(tmp_path / name), input_size=size)
         assert not loaded.random_weights
         (result,) = explain(image, "gradcam,gradcam++", model=loaded)

@@ -91,7 +91,7 @@ def default_input() -> InputSpec:
 
 def is_weights_path(weights: str) -> bool:
     """True if `--weights` names a file rather than a named set of weights."""
-    return os.sep in weights or Path(weights).suffix in WEIGHT_SUFFIXES or Path(weights).is_file()
+    return os.sep in weights or Path(weights).suffix.lower() in WEIGHT_SUFFIXES or Path(weights).is_file()
 
 
 def read_labels(path: Path) -> list[str]:
