@@ -355,7 +355,7 @@ def _explain(**opts: Any) -> int:
         "weights": loaded.weights,
         "layer": explainer.layer_name,
         "methods": [m.name for m in methods],
-        "target": opts["target"] or "top1",
+        "target": "positive" if target.threshold is not None else opts["target"] or "top1",
         "topk": opts["topk"] or 1,
         "input": loaded.input.to_json(),
         "heatmap": opts["save_heatmap"],

@@ -221,6 +221,15 @@ def test_token_families_refused_until_layouts_land(saved, tmp_path, family) -> N
     assert not (tmp_path / "o" / "img.png.json").exists()
 
 
+@pytest.mark.skipif(HAS_LAYOUTS, reason="with layouts, token models are explained (test above)")
+def test_swin_position_bias_named_explicitly_is_refused(saved, tmp_path) -> None:
+    path = tmp_path / "img.png"
+    cv2.imwrite(str(path), _image(40))
+    layer = "swin.encoder.layers.1.blocks.0.attention.relative_position_bias"  # (1, heads, N, N): no image map
+    result = runner.invoke(app, ["explain", str(path), "--model", f"hf:{saved['swin']}", "--layer", layer])
+    assert result.exit_code == 2 and "token" in result.stderr
+
+
 def test_channels_last_output_named_explicitly_is_refused(saved, tmp_path) -> None:
     path = tmp_path / "img.png"
     cv2.imwrite(str(path), _image(40))

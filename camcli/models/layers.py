@@ -97,6 +97,21 @@ def channels_last(module: nn.Module, out: Tensor) -> bool:
     return out.shape[-1] == features and out.shape[1] != features
 
 
+def _refuse_before_tokens(name: str, records: list[tuple[str, Tensor, int]], modules: dict[str, nn.Module]) -> None:
+    """Until camcli reads token layers: a 4-D tensor followed by token sequences (B, N, C)
+    (a ViT's patch embedding, a Swin position bias) is not what the head decides on, and
+    may not even be a per-image map; refused with the reason, never drawn."""
+    start = max(i for i, r in enumerate(records) if r[0] == name)
+    later = records[start:]
+    tokens = [r[0] for r in later if r[1].ndim == 3 and isinstance(modules[r[0]], (nn.Linear, nn.LayerNorm))]
+    if tokens:
+        raise UsageError(
+            f"the model computes token sequences (B, N, C) after the (B, C, H, W) map {name!r} "
+            f"(e.g. {tokens[-1]!r}), a transformer: camcli cannot read token layers yet, and the "
+            "map before them would not show what the head decides on"
+        )
+
+
 def resolve_layer(
     model: nn.Module,
     layer: str,
@@ -141,14 +156,7 @@ def resolve_layer(
             raise UsageError("found no (B, C, H, W) feature map to explain; name one with --layer")
         name, activation, version = found[-1]
         as_consumed = activation._version != version
-        later = records[[r[0] for r in records].index(name) :]
-        tokens = [r[0] for r in later if r[1].ndim == 3 and isinstance(modules[r[0]], (nn.Linear, nn.LayerNorm))]
-        if tokens:  # the head pools tokens computed after this map: it is not what the model decides on
-            raise UsageError(
-                f"the model computes token sequences (B, N, C) after its last (B, C, H, W) map {name!r} "
-                f"(e.g. {tokens[-1]!r}), a transformer: camcli cannot read token layers yet, and the "
-                "map before them would not show what the head decides on"
-            )
+        _refuse_before_tokens(name, records, modules)
     else:  # any other module: its output as it left the module
         calls = [r for r in records if r[0] == layer]
         if not calls or calls[-1][1].ndim != 4:
@@ -159,6 +167,7 @@ def resolve_layer(
                 f"layer {layer!r} ({type(modules[layer]).__name__}) outputs {tuple(calls[-1][1].shape)} channels "
                 "last (B, H, W, C); camcli reads (B, C, H, W) maps: name the block around it instead"
             )
+        _refuse_before_tokens(layer, records, modules)
         name, activation, as_consumed = layer, named_output[0], False
     head = _linear_head(activation, logits, linears, modules)
     shape = activation.shape
