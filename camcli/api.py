@@ -27,7 +27,7 @@ from camcli.errors import UsageError
 from camcli.io import decode_image
 from camcli.methods import list_methods, parse_methods
 from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layer
-from camcli.pipeline import _to_numpy, preprocess
+from camcli.pipeline import _kept, _to_numpy, choose_score, preprocess
 from camcli.render import heatmap_at_size
 
 __all__ = ["Explanation", "ImageResult", "Prediction", "explain", "list_methods", "load_model"]
@@ -41,7 +41,7 @@ ImageLike = str | os.PathLike | np.ndarray | torch.Tensor | Any
 class Prediction:
     index: int
     label: str
-    score: float  # softmax probability
+    score: float  # softmax probability (or the sigmoid / logit `score` asks for)
 
 
 @dataclass(frozen=True)
@@ -82,29 +82,35 @@ def explain(
     batch_size: int = 8,
     chunk_size: int = 32,
     labels: str | Path | Sequence[str] | None = None,
+    score: str | None = None,
+    threshold: float = 0.5,
 ) -> list[ImageResult]:
     """Explain images with one or more methods; one `ImageResult` per image, in order.
 
     `images` is one image or a sequence (a 4-D array or tensor is a batch). `model`
     is a `--model` name or a `load_model` result (reuse it across calls: loading costs
     more than explaining a few images); `weights`, `labels` apply to a name only.
-    `target` (a class index or name) and `topk` work as `--target` and `--topk`.
+    `target` (a class index or name, or ``"positive"`` with `threshold`) and `topk` work as
+    `--target` and `--topk`, `score` as `--score`.
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
     torch_device = resolve_device(device)
     loaded.model.to(torch_device)
-    info = resolve_layer(loaded.model, layer, loaded.input, torch_device)
+    info = resolve_layer(loaded.model, layer, loaded.input, torch_device, output_key=loaded.output_key)
     check_labels(loaded, info.num_classes, "labels")
     spec = methods if isinstance(methods, str) else ",".join(methods)
-    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size)
-    target_spec = parse_target(None if target is None else str(target), topk, loaded.categories, info.num_classes)
+    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size, output_key=loaded.output_key)
+    target_spec = parse_target(
+        None if target is None else str(target), topk, loaded.categories, info.num_classes, threshold
+    )
+    score = choose_score(score, target_spec.threshold is not None, info.binary)
     rgb = [_as_rgb(image) for image in _as_list(images)]
     results: list[ImageResult] = []
     for start in range(0, len(rgb), batch_size):
         chunk = rgb[start : start + batch_size]
         batch = torch.stack([preprocess(image, loaded.input) for image in chunk]).to(torch_device)
-        arrays = _to_numpy(explainer.explain(batch, target_spec))
+        arrays = _to_numpy(explainer.explain(batch, target_spec), score=score)
         for i, image in enumerate(chunk):
             results.append(_result(image, arrays, i, loaded))
     return results
@@ -117,7 +123,7 @@ def _result(image: np.ndarray, arrays: dict[str, Any], i: int, loaded: LoadedMod
         for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
     ]
     explanations = []
-    for e in arrays["explanations"]:
+    for e in _kept(arrays, i):
         index = int(e["targets"][i])
         explanations.append(
             Explanation(

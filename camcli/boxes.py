@@ -132,3 +132,30 @@ def _box(value: Any, cls: int | None = None) -> _Labelled:
     if x1 < x0 or y1 < y0:
         raise ValueError(f"box {value!r} has x1 < x0 or y1 < y0")
     return _Labelled((x0, y0, x1, y1), cls)
+
+
+def map_boxes(heatmap: Any, threshold: float) -> list[list[int]]:
+    """Boxes around the parts of a map at or above `threshold` x its maximum (the Grad-CAM
+    paper's localisation rule, 0.15 there): one per 8-connected component, largest area
+    first, as inclusive ``[x0, y0, x1, y1]`` in the map's pixels (the original image's
+    when the map is at its size). A flat (all-zero) map has none."""
+    import cv2
+    import numpy as np
+
+    peak = float(heatmap.max()) if heatmap.size else 0.0
+    if peak <= 0.0:
+        return []
+    mask = (heatmap >= threshold * peak).astype(np.uint8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    found = sorted((stats[k] for k in range(1, count)), key=lambda s: (-int(s[cv2.CC_STAT_AREA]), int(s[1]), int(s[0])))
+    return [[int(x), int(y), int(x + w - 1), int(y + h - 1)] for x, y, w, h, _ in found]
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two inclusive pixel boxes ``[x0, y0, x1, y1]``."""
+    width = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    height = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    inter = max(0.0, width) * max(0.0, height)
+    area_a = (a[2] - a[0] + 1) * (a[3] - a[1] + 1)
+    area_b = (b[2] - b[0] + 1) * (b[3] - b[1] + 1)
+    return float(inter / (area_a + area_b - inter))

@@ -33,7 +33,8 @@ from camcli.io import (
 from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
 from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
-from camcli.pipeline import ExplainRun, RunOptions
+from camcli.models.outputs import parse_output_key
+from camcli.pipeline import ExplainRun, RunOptions, choose_score
 from camcli.render import COLORMAPS
 from camcli.report import write_report
 from camcli.schema import schema_text
@@ -49,12 +50,31 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
     """Click's own usage errors (a bad option value, an unknown option) as one line and
     exit 2, like camcli's, instead of a usage block and a box."""
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _save_heatmap_value(args))
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except _CLICK_USAGE_ERROR as exc:
             stderr.print(f"camcli: error: {exc.format_message()}", markup=False, soft_wrap=True)
             raise typer.Exit(ExitCode.USAGE) from None
+
+
+def _save_heatmap_value(args: list[str]) -> list[str]:
+    """`--save-heatmap [map|raw]`: click options have no optional value, so the word right
+    after the flag (or after ``=``) is read here; ``raw`` also writes the raw maps."""
+    out: list[str] = []
+    for arg in args:
+        if arg in ("--save-heatmap=map", "--save-heatmap=raw"):
+            out.append("--save-heatmap")
+            arg = arg.removeprefix("--save-heatmap=")
+        if out and out[-1] == "--save-heatmap" and arg in ("map", "raw"):
+            if arg == "raw":
+                out.append("--save-heatmap-raw")
+            continue
+        out.append(arg)
+    return out
 
 
 app = typer.Typer(
@@ -92,16 +112,18 @@ def main_options(
     """camcli: class activation maps from the command line."""
 
 
-def _floats(value: str | None, option: str) -> tuple[float, float, float] | None:
+def _floats(value: str | None, option: str, lengths: tuple[int, ...] = (3,)) -> tuple[float, ...] | None:
+    """Comma-separated numbers: three (R, G, B), or with lengths=(1, 3) one per input channel."""
     if value is None:
         return None
+    count = " or ".join(str(n) for n in lengths)
     try:
         parts = tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise UsageError(f"{option} expects three comma-separated numbers, not {value!r}") from None
-    if len(parts) != 3:
-        raise UsageError(f"{option} expects three comma-separated numbers, not {value!r}")
-    return parts  # type: ignore[return-value]
+        raise UsageError(f"{option} expects {count} comma-separated numbers, not {value!r}") from None
+    if len(parts) not in lengths:
+        raise UsageError(f"{option} expects {count} comma-separated numbers, not {value!r}")
+    return parts
 
 
 def _complete_methods(incomplete: str) -> list[str]:
@@ -133,7 +155,8 @@ def explain(
         str, typer.Option("--layer", help="auto, a dotted module name, or a,b to fuse CAM maps of several.")
     ] = "auto",
     target: Annotated[
-        str | None, typer.Option("-t", "--target", help="top1 (default), a class index or a class name.")
+        str | None,
+        typer.Option("-t", "--target", help="top1 (default), positive (multi-label), a class index or a class name."),
     ] = None,
     topk: Annotated[int | None, typer.Option("-k", "--topk", help="Explain the K best classes.", min=1)] = None,
     batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
@@ -145,8 +168,36 @@ def explain(
         str, typer.Option("--overlay-format", help=f"Overlay file format: {', '.join(OVERLAY_FORMATS)}.")
     ] = "png",
     save_heatmap: Annotated[
-        bool, typer.Option("--save-heatmap", help="Also write float32 .npy maps at the image's size.")
+        bool,
+        typer.Option(
+            "--save-heatmap",
+            help="Also write float32 .npy maps at the image's size; '--save-heatmap raw' also the maps "
+            "before ReLU and min-max at the layer's resolution.",
+        ),
     ] = False,
+    save_heatmap_raw: Annotated[bool, typer.Option("--save-heatmap-raw", hidden=True)] = False,
+    output_key: Annotated[
+        str | None,
+        typer.Option("--output-key", help="Which output holds the logits: a key/attribute NAME or tuple INDEX."),
+    ] = None,
+    score: Annotated[
+        str | None,
+        typer.Option("--score", help="softmax (default), sigmoid (default with -t positive, one logit) or logit."),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="-t positive: explain each class whose sigmoid reaches this.")
+    ] = 0.5,
+    channels: Annotated[
+        int | None, typer.Option("--channels", min=1, help="Input channels: 1 (luminance) or 3 (default: the model's).")
+    ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="hf: let the folder run its own model code.")
+    ] = False,
+    box_threshold: Annotated[
+        float | None,
+        typer.Option("--box-threshold", min=0.0, max=1.0, help="Boxes around map parts >= F x the maximum (0.15)."),
+    ] = None,
+    draw_boxes: Annotated[bool, typer.Option("--draw-boxes", help="Draw the --box-threshold boxes.")] = False,
     jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON object per image to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images finished by an earlier run.")] = False,
@@ -265,22 +316,31 @@ def _explain(**opts: Any) -> int:
     )
     if not opts["dry_run"]:
         check_writable(opts["out"])
+    if opts["draw_boxes"] and opts["box_threshold"] is None:
+        raise UsageError("--draw-boxes draws the boxes of --box-threshold F (e.g. 0.15): give it too")
+    output_key = parse_output_key(opts["output_key"])
     loaded = load_model(
         opts["model"],
         opts["weights"],
         input_size=opts["input_size"],
-        mean=_floats(opts["mean"], "--mean"),
-        std=_floats(opts["std"], "--std"),
+        mean=_floats(opts["mean"], "--mean", (1, 3)),
+        std=_floats(opts["std"], "--std", (1, 3)),
         labels=opts["labels"],
+        channels=opts["channels"],
+        output_key=output_key,
+        trust_remote_code=opts["trust_remote_code"],
     )
     loaded.model.to(device)
     methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
     names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
-    layers = [resolve_layer(loaded.model, name, loaded.input, device) for name in names or ["auto"]]
+    layers = [
+        resolve_layer(loaded.model, name, loaded.input, device, output_key=output_key) for name in names or ["auto"]
+    ]
     layer = layers[0]
     check_labels(loaded, layer.num_classes)
-    target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
-    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"])
+    target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes, opts["threshold"])
+    score = choose_score(opts["score"], target.threshold is not None, layer.binary)
+    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"], output_key=output_key)
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
         return ExitCode.IMAGE_FAILED
@@ -295,7 +355,7 @@ def _explain(**opts: Any) -> int:
         "weights": loaded.weights,
         "layer": explainer.layer_name,
         "methods": [m.name for m in methods],
-        "target": opts["target"] or "top1",
+        "target": "positive" if target.threshold is not None else opts["target"] or "top1",
         "topk": opts["topk"] or 1,
         "input": loaded.input.to_json(),
         "heatmap": opts["save_heatmap"],
@@ -309,6 +369,16 @@ def _explain(**opts: Any) -> int:
         }
     if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
         request["grid"] = True
+    extras = {  # recorded only when not the default, so earlier runs' JSON still matches
+        "score": score if score != "softmax" else None,
+        "threshold": opts["threshold"] if target.threshold is not None else None,
+        "output_key": output_key,
+        "channels": opts["channels"],
+        "heatmap_raw": True if opts["save_heatmap_raw"] else None,
+        "box_threshold": opts["box_threshold"],
+        "draw_boxes": True if opts["draw_boxes"] else None,
+    }
+    request |= {key: value for key, value in extras.items() if value is not None}
     method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}
     if method_options:  # a changed --samples or --scorecam-top redoes the images
         request["method_options"] = method_options
@@ -327,8 +397,19 @@ def _explain(**opts: Any) -> int:
         grid_only=opts.get("grid_only", False),
         panel_size=opts.get("panel_size", 224),
         max_pixels=opts["max_pixels"],
+        score=score,
+        save_raw=opts["save_heatmap_raw"],
+        box_threshold=opts["box_threshold"],
+        draw_boxes=opts["draw_boxes"],
     )
     run = ExplainRun(loaded, explainer, target, device, options, request)
+    if loaded.random_weights and not opts["quiet"]:  # after every usage check: errors stay one line
+        stderr.print(
+            f"camcli: warning: {loaded.name} has random weights (--weights none): its predictions and maps "
+            "show an untrained network",
+            markup=False,
+            soft_wrap=True,
+        )
     if opts["dry_run"]:
         return _dry_run(run, items, opts["out"])
     summary_table = SummaryTable(items, opts["out"]) if opts["summary_csv"] else None
@@ -466,6 +547,13 @@ def evaluate(
         Path, typer.Option("-o", "--out", help="Folder for summary.csv, summary.json and the per-image outputs.")
     ] = Path("camcli-eval"),
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Perturbed inputs per forward.")] = 32,
+    box_threshold: Annotated[
+        float,
+        typer.Option("--box-threshold", min=0.0, max=1.0, help="Localisation IoU: map boxes at >= F x the maximum."),
+    ] = 0.15,
+    output_key: Annotated[str | None, typer.Option("--output-key", help="As for explain.")] = None,
+    channels: Annotated[int | None, typer.Option("--channels", min=1, help="As for explain.")] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="As for explain.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images finished by an earlier run.")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors and the table only.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,

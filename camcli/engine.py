@@ -44,6 +44,7 @@ from camcli.methods import (
     get_method,
 )
 from camcli.models import LayerInfo
+from camcli.models.outputs import OutputKey, logits_model
 
 # Activation modules whose backward guided backprop does not define.
 _NON_RECTIFIER_MODULES = (
@@ -80,9 +81,21 @@ class TargetSpec:
     index: int | None = None  # None: the sample's own prediction(s)
     topk: int = 1
     per_sample: tuple[int | None, ...] | None = None  # a class per sample (None: as above), e.g. a box's
+    threshold: float | None = None  # -t positive: every class whose sigmoid reaches it, per sample
 
     def resolve(self, logits: Tensor) -> list[Tensor]:
-        """One (B,) tensor of class indices per rank, each sample with its own target."""
+        """One (B,) tensor of class indices per rank, each sample with its own target.
+
+        With a `threshold` (multi-label), rank r holds each sample's r-th positive class
+        by logit; there are as many ranks as the most positives any sample has (at least
+        one), and a sample with fewer repeats its first target there: `valid` says which
+        (sample, rank) pairs are real, and only those are written."""
+        if self.threshold is not None:
+            counts = self._positives(logits)
+            ranks = max(1, int(counts.max()))
+            ranked = logits.topk(ranks, dim=1).indices
+            fill = torch.arange(ranks, device=logits.device)[None] < counts[:, None]
+            return list(torch.where(fill, ranked, ranked[:, :1]).unbind(1))
         if self.per_sample is not None:
             if len(self.per_sample) != logits.shape[0]:
                 raise ValueError(f"{len(self.per_sample)} per-sample targets for a batch of {logits.shape[0]}")
@@ -93,6 +106,17 @@ class TargetSpec:
             return [torch.full((logits.shape[0],), self.index, device=logits.device)]
         ranked = logits.topk(self.topk, dim=1).indices
         return list(ranked.unbind(1))
+
+    def valid(self, logits: Tensor, ranks: int) -> list[Tensor] | None:
+        """Per rank, (B,) True where the sample has a target of its own there (None: all do)."""
+        if self.threshold is None:
+            return None
+        counts = self._positives(logits)
+        return [counts > rank for rank in range(ranks)]
+
+    def _positives(self, logits: Tensor) -> Tensor:
+        assert self.threshold is not None
+        return (logits.float().sigmoid() >= self.threshold).sum(1)
 
 
 @dataclass
@@ -106,6 +130,8 @@ class Explanation:
     maps: Tensor  # heatmaps: (B, h, w) in [0, 1]; gradients: (B, 3, H, W), raw; tiles: (B, N, h, w)
     flat: Tensor  # (B,) True where the map had no variation (written as zeros)
     channels: Tensor | None = None  # tiles: (B, N) channel index of each tile
+    raw: Tensor | None = None  # CAM family, one layer: the map before ReLU and min-max, (B, h, w) float32
+    valid: Tensor | None = None  # (B,) False where a sample has no target at this rank (-t positive)
 
     @property
     def is_gradient(self) -> bool:
@@ -261,8 +287,10 @@ class Explainer:
         *,
         chunk_size: int = 32,
         channels_last: bool = True,
+        output_key: OutputKey = None,
     ) -> None:
         self.model = model
+        self.net = logits_model(model, output_key)  # calls return logits (camcli.models.outputs)
         self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
         if not self.layers:
             raise UsageError("no layer given")
@@ -337,6 +365,10 @@ class Explainer:
                         method.name, rank, self.layer_name, targets[rank], maps, _gradient_flat(maps)
                     )
         ordered = [results[m.name, rank] for rank in range(len(targets)) for m in self.methods]
+        valid = target.valid(logits, len(targets))
+        if valid is not None:
+            for explanation in ordered:
+                explanation.valid = valid[explanation.rank]
         return BatchResult(logits=logits, explanations=ordered)
 
     def _cam_pass(
@@ -349,7 +381,7 @@ class Explainer:
                 for module, info in zip(self.modules, self.layers, strict=True)
             ]
             with torch.set_grad_enabled(track_grad):
-                logits = self.model(inputs)
+                logits = self.net(inputs)
         activations = [store["activation"] for store in stores]
         targets = target.resolve(logits)
         for method in self._layer_image:
@@ -393,13 +425,16 @@ class Explainer:
             ]
             for method in self._cam:
                 with torch.no_grad():
-                    maps, flat = _fuse([normalise(method.cam_map(ctx).relu()) for ctx in contexts])
-                results[method.name, rank] = Explanation(method.name, rank, self.layer_name, rank_targets, maps, flat)
+                    raw = [method.cam_map(ctx) for ctx in contexts]
+                    maps, flat = _fuse([normalise(r.relu()) for r in raw])
+                results[method.name, rank] = Explanation(
+                    method.name, rank, self.layer_name, rank_targets, maps, flat, raw=_single_raw(raw)
+                )
         return logits.detach(), targets
 
     def _forward(self, inputs: Tensor) -> Tensor:
         """Logits of extra inputs (Score-CAM's masked copies) in the model's memory format."""
-        return self.model(inputs.contiguous(memory_format=self.memory_format))
+        return self.net(inputs.contiguous(memory_format=self.memory_format))
 
     def _gradient_pass(
         self,
@@ -414,7 +449,7 @@ class Explainer:
         plain = samples.shape[0] == 1
         if targets is None and not plain:  # noisy copies: targets come from the clean input
             with torch.inference_mode():
-                logits = self.model(inputs)
+                logits = self.net(inputs)
             targets = target.resolve(logits)
         flat_inputs = samples.flatten(0, 1)
         step = len(flat_inputs) if plain else self.chunk_size
@@ -426,7 +461,7 @@ class Explainer:
             samples_of = torch.arange(start, start + len(leaf), device=inputs.device) % inputs.shape[0]
             mode = nullcontext() if rule is None else _RectifierMode(rule, method.name)
             with torch.enable_grad(), mode:
-                out = self.model(leaf)
+                out = self.net(leaf)
             if targets is None:  # plain pass without an earlier one: this forward is the clean one
                 logits, targets = out.detach(), target.resolve(out)
             chunk = []
@@ -503,7 +538,7 @@ class Explainer:
     ) -> tuple[Tensor, list[Tensor]]:
         if logits is None or targets is None:
             with torch.inference_mode():
-                logits = self.model(inputs)
+                logits = self.net(inputs)
             targets = target.resolve(logits)
         ctx = ModelContext(
             inputs=inputs,
@@ -556,16 +591,30 @@ def _fuse(normalised: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return normalise(torch.stack(upsampled).mean(0))
 
 
+def _single_raw(raw: list[Tensor]) -> Tensor | None:
+    """The map before ReLU and min-max (comparable across images); fused layers have none."""
+    return raw[0].detach().float() if len(raw) == 1 else None
+
+
 def _gradient_flat(gradient: Tensor) -> Tensor:
     return gradient.flatten(1).abs().amax(1) == 0
 
 
 def parse_target(
-    target: str | None, topk: int | None, categories: Sequence[str] | None, num_classes: int
+    target: str | None,
+    topk: int | None,
+    categories: Sequence[str] | None,
+    num_classes: int,
+    threshold: float = 0.5,
 ) -> TargetSpec:
-    """`--target` (top1, an index or a class name) and `--topk` as a TargetSpec."""
+    """`--target` (top1, positive, an index or a class name) and `--topk` as a TargetSpec;
+    ``positive`` explains every class whose sigmoid reaches `threshold` (multi-label)."""
     if target is not None and topk is not None:
         raise UsageError("--target and --topk exclude each other")
+    if target is not None and target.lower() == "positive":
+        if not 0.0 < threshold < 1.0:
+            raise UsageError(f"--threshold must be between 0 and 1 (a sigmoid probability), not {threshold}")
+        return TargetSpec(threshold=threshold)
     if topk is not None:
         if not 1 <= topk <= num_classes:
             raise UsageError(f"--topk must be between 1 and {num_classes}, not {topk}")

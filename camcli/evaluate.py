@@ -17,12 +17,17 @@ from typing import Any
 from rich.table import Table
 
 from camcli.io import atomic_write, json_bytes
-from camcli.metrics import METRIC_NAMES
+from camcli.metrics import METRIC_NAMES as TORCH_METRICS
+
+# The torch metrics, then the localisation IoU the writer computes from --box-threshold boxes:
+# the largest box of the thresholded map against the best-matching labelled box (Grad-CAM, sec. 4.1).
+METRIC_NAMES = (*TORCH_METRICS, "localisation_iou")
 
 # (metric, table heading, scale): the Grad-CAM++ pair shown in per cent, as in the paper.
 COLUMNS = (
     ("pointing_game", "pointing game ↑", 1.0),
     ("energy_in_box", "energy in box ↑", 1.0),
+    ("localisation_iou", "loc. IoU ↑", 1.0),
     ("deletion_auc", "deletion AUC ↓", 1.0),
     ("insertion_auc", "insertion AUC ↑", 1.0),
     ("average_drop", "avg drop % ↓", 100.0),

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import torchvision
 
 from camcli import __version__
-from camcli.boxes import BoxIndex
+from camcli.boxes import BoxIndex, box_iou, map_boxes
 from camcli.engine import BatchResult, Explainer, TargetSpec
-from camcli.errors import ImageError
+from camcli.errors import ImageError, UsageError
 from camcli.io import (
     DEFAULT_MAX_PIXELS,
     InputItem,
@@ -39,7 +39,7 @@ from camcli.io import (
 )
 from camcli.metrics import MetricOptions, evaluate_batch
 from camcli.models import InputSpec, LoadedModel
-from camcli.render import colorize, comparison_grid, gradient_image, heatmap_at_size, overlay, tile_grid
+from camcli.render import colorize, comparison_grid, draw_boxes, gradient_image, heatmap_at_size, overlay, tile_grid
 
 SCHEMA_VERSION = 1
 
@@ -65,6 +65,10 @@ class RunOptions:
     grid_only: bool = False  # `camcli compare`: write only the grids (no overlays, no JSON)
     panel_size: int = 224  # grid panel height in pixels
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header
+    score: str = "softmax"  # what a class's "score" is: softmax, sigmoid or logit (SCORES)
+    save_raw: bool = False  # --save-heatmap raw: also the map before ReLU and min-max (feature resolution)
+    box_threshold: float | None = None  # --box-threshold: boxes of each map's parts >= F x its maximum
+    draw_boxes: bool = False  # draw those boxes on the overlay
 
 
 @dataclass
@@ -84,15 +88,27 @@ class _Decoded:
     error: str | None = None
 
 
+# ITU-R BT.601 luma, the weights of Pillow's convert("L") and OpenCV's RGB2GRAY
+LUMINANCE = (0.299, 0.587, 0.114)
+
+
 def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> normalised (3, S, S): the whole image resized (no crop), so
-    the heatmap covers the whole picture; antialiased like torchvision's transforms."""
+    """RGB uint8 (H, W, 3) -> normalised (C, S, S): the whole image resized (no crop), so
+    the heatmap covers the whole picture; antialiased like torchvision's transforms. A
+    1-channel model gets the luminance (a grey PNG, decoded as R = G = B, stays itself)."""
     x = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-    x = F.interpolate(
-        x, size=(spec.size, spec.size), mode=spec.interpolation, antialias=True, align_corners=False
-    ).clamp_(0.0, 1.0)
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    if spec.channels == 1:
+        x = (x * torch.tensor(LUMINANCE).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif spec.channel_order == "bgr":
+        x = x.flip(1)
+    if spec.interpolation == "nearest":
+        x = F.interpolate(x, size=(spec.size, spec.size), mode="nearest")
+    else:
+        x = F.interpolate(
+            x, size=(spec.size, spec.size), mode=spec.interpolation, antialias=True, align_corners=False
+        ).clamp_(0.0, 1.0)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
     return ((x - mean) / std).squeeze(0)
 
 
@@ -201,11 +217,11 @@ class ExplainRun:
                 scored = [e for e in result.explanations if not e.is_tiles]  # layer channels are no heatmap
                 values = iter(
                     evaluate_batch(
-                        self.explainer.model, batch, scored, sizes, per_image, self.options.metrics, result.logits
+                        self.explainer.net, batch, scored, sizes, per_image, self.options.metrics, result.logits
                     )
                 )
                 metrics = [None if e.is_tiles else next(values) for e in result.explanations]
-        arrays = _to_numpy(result, metrics) if result is not None else None
+        arrays = _to_numpy(result, metrics, self.options.score) if result is not None else None
         position = 0
         for entry in decoded:
             if entry.error is not None:
@@ -238,7 +254,7 @@ class ExplainRun:
         if record is None or record.get("error") is not None or record.get("request") != self.request:
             return None
         outputs = [e.get("overlay") for e in record.get("explanations", [])]
-        outputs += [e.get("heatmap") for e in record.get("explanations", []) if e.get("heatmap")]
+        outputs += [e.get(k) for e in record.get("explanations", []) for k in ("heatmap", "raw_heatmap") if e.get(k)]
         outputs += [record["grid"]] if "grid" in record else []
         if not all(isinstance(o, str) and (path.parent / o).is_file() for o in outputs):
             return None
@@ -261,6 +277,10 @@ class ExplainRun:
             "error": entry.error,
             "request": self.request,
         }
+        if loaded.random_weights:  # said in the JSON as on stderr: nothing was loaded
+            record["random_weights"] = True
+        if self.options.score != "softmax":
+            record["score"] = self.options.score
         if arrays is None:
             return record
         assert entry.image is not None
@@ -270,24 +290,39 @@ class ExplainRun:
             for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
         ]
         name = Path(entry.item.key).name
-        topk = self.target.topk > 1
-        for e in arrays["explanations"]:
+        options = self.options
+        per_class = self.target.topk > 1 or self.target.threshold is not None
+        binary = self.explainer.layer.binary
+        truth = options.boxes.lookup(entry.item) if options.boxes is not None else None
+        for e in _kept(arrays, i):
             index = int(e["targets"][i])
-            stem = f"{name}.{e['method']}" + (f".c{index}" if topk else "")
-            record["explanations"].append(
-                {
-                    "method": e["method"],
-                    "layer": e["layer"],
-                    "target": {"index": index, "label": loaded.label(index), "score": float(e["scores"][i])},
-                    "overlay": f"{stem}.{self.options.overlay_format}",
-                    "heatmap": f"{stem}.npy" if self.options.save_heatmap else None,
-                    "warning": "flat map" if e["flat"][i] else None,
-                }
-            )
+            stem = f"{name}.{e['method']}" + (f".c{index}" if per_class else "")
+            target = {"index": index, "label": loaded.label(index), "score": float(e["scores"][i])}
+            if binary:  # which sign of the model's one logit was explained
+                target["gradient_of"] = "logit" if index == 1 else "-logit"
+            meta: dict[str, Any] = {
+                "method": e["method"],
+                "layer": e["layer"],
+                "target": target,
+                "overlay": f"{stem}.{options.overlay_format}",
+                "heatmap": f"{stem}.npy" if options.save_heatmap else None,
+                "warning": "flat map" if e["flat"][i] else None,
+            }
             if e["metrics"] is not None:
-                record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
+                meta["metrics"] = _metrics_json(e["metrics"], i)
             if e["channels"] is not None:
-                record["explanations"][-1]["channels"] = [int(c) for c in e["channels"][i]]
+                meta["channels"] = [int(c) for c in e["channels"][i]]
+            if options.save_raw and e["raw"] is not None:
+                raw = e["raw"][i]
+                meta |= {"raw_heatmap": f"{stem}.raw.npy", "raw_min": float(raw.min()), "raw_max": float(raw.max())}
+            if options.box_threshold is not None and e["channels"] is None and e["maps"][i].ndim == 2:
+                heat = heatmap_at_size(e["maps"][i], record["width"], record["height"])
+                meta["boxes"] = map_boxes(heat, options.box_threshold)
+                if truth is not None:  # the largest box against the best-matching labelled one
+                    found = meta["boxes"][:1]
+                    iou = max((box_iou(found[0], b) for b in truth.boxes), default=0.0) if found else 0.0
+                    meta.setdefault("metrics", {})["localisation_iou"] = iou if truth.boxes else None
+            record["explanations"].append(meta)
         if self.options.grid:
             record["grid"] = f"{name}.grid.png"
         return record
@@ -305,7 +340,7 @@ class ExplainRun:
                 assert entry.image is not None
                 height, width = entry.image.shape[:2]
                 panels = []
-                for e, meta in zip(arrays["explanations"], record["explanations"], strict=True):
+                for e, meta in zip(_kept(arrays, i), record["explanations"], strict=True):
                     if e["channels"] is not None:  # layer channels (N, h, w): one tile each
                         raw = e["maps"][i]
                         picture = tile_grid(colorize(raw, options.colormap))
@@ -315,12 +350,16 @@ class ExplainRun:
                             picture = gradient_image(raw)
                         else:
                             picture = overlay(entry.image, raw, options.colormap, options.alpha)
+                            if options.draw_boxes and meta.get("boxes"):
+                                picture = draw_boxes(picture, meta["boxes"])
                     panels.append((picture, meta))
                     if options.grid_only:
                         continue
                     atomic_write(folder / meta["overlay"], encode_image(picture, options.overlay_format))
                     if meta["heatmap"]:
                         atomic_write(folder / meta["heatmap"], npy_bytes(raw.astype(np.float32)))
+                    if meta.get("raw_heatmap"):
+                        atomic_write(folder / meta["raw_heatmap"], npy_bytes(e["raw"][i].astype(np.float32)))
                 if options.grid or options.grid_only:
                     grid = _grid(entry.image, record, panels, len(self.explainer.methods), options.panel_size)
                     atomic_write(folder / f"{Path(entry.item.key).name}.grid.png", encode_image(grid))
@@ -395,19 +434,57 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor] | None] | None = None) -> dict[str, Any]:
+SCORES = ("softmax", "sigmoid", "logit")
+
+
+def class_scores(logits: torch.Tensor, score: str = "softmax") -> torch.Tensor:
+    """What the JSON calls a class's score: its softmax probability (one class of many),
+    its sigmoid (multi-label, and a binary model's [-z, z]) or the logit itself. All three
+    rank a sample's classes alike, by logit."""
+    if score == "softmax":
+        return logits.float().softmax(1)
+    if score == "sigmoid":
+        return logits.float().sigmoid()
+    return logits.float()
+
+
+def choose_score(choice: str | None, multi_label: bool, binary: bool) -> str:
+    """`--score`: softmax by default; sigmoid for -t positive and for one-logit models,
+    whose two classes [-z, z] have no softmax of their own."""
+    if choice is None:
+        return "sigmoid" if multi_label or binary else "softmax"
+    if choice not in SCORES:
+        raise UsageError(f"unknown --score {choice!r}; use one of {', '.join(SCORES)}")
+    if binary and choice == "softmax":
+        raise UsageError("a model with one logit has no softmax: use --score sigmoid (its probability) or logit")
+    return choice
+
+
+def _kept(arrays: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    """Sample i's explanations: with -t positive only the ranks where it has a class of its own."""
+    return [e for e in arrays["explanations"] if e["valid"] is None or e["valid"][i]]
+
+
+def _to_numpy(
+    result: BatchResult, metrics: list[dict[str, torch.Tensor] | None] | None = None, score: str = "softmax"
+) -> dict[str, Any]:
     """Everything the writers need from a batch, moved to the CPU once."""
-    probs = result.logits.float().softmax(1)
+    probs = class_scores(result.logits, score)
     top = probs.topk(min(5, probs.shape[1]), dim=1)
     explanations = []
     for n, e in enumerate(result.explanations):
+        maps = e.maps.float()
+        if e.is_gradient and maps.shape[1] == 1:  # a 1-channel model's input gradient: grey
+            maps = maps.expand(-1, 3, -1, -1)
         explanations.append(
             {
                 "method": e.method,
                 "layer": e.layer,
                 "targets": e.targets.cpu().numpy(),
                 "scores": probs.gather(1, e.targets[:, None]).squeeze(1).cpu().numpy(),
-                "maps": e.maps.float().cpu().numpy(),
+                "maps": maps.cpu().numpy(),
+                "raw": None if e.raw is None else e.raw.cpu().numpy(),
+                "valid": None if e.valid is None else e.valid.cpu().numpy(),
                 "flat": e.flat.cpu().numpy(),
                 "metrics": None
                 if metrics is None or metrics[n] is None

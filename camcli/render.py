@@ -145,3 +145,12 @@ def tile_grid(tiles: np.ndarray, columns: int | None = None, min_side: int = 64,
         left = gap + (i % columns) * (width + gap)
         grid[top : top + height, left : left + width] = tile
     return grid
+
+
+def draw_boxes(picture: np.ndarray, boxes: list[list[int]], thickness: int = 2) -> np.ndarray:
+    """`--draw-boxes`: each box as a white rectangle with a black edge (seen on any colour)."""
+    out = np.ascontiguousarray(picture.copy())
+    for x0, y0, x1, y1 in boxes:
+        cv2.rectangle(out, (x0, y0), (x1, y1), (0, 0, 0), thickness + 2)
+        cv2.rectangle(out, (x0, y0), (x1, y1), (255, 255, 255), thickness)
+    return out

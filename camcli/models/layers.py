@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from camcli.errors import UsageError
+from camcli.models.outputs import OutputKey, raw_output, select_logits
 from camcli.models.spec import InputSpec
 
 POOLING_MODULES = (  # never a target layer: they pool features, they are not features
@@ -32,6 +33,7 @@ class LayerInfo:
     spatial: tuple[int, int]
     num_classes: int
     head: str | None  # the linear module mapping GAP(layer) to the logits, if any
+    binary: bool = False  # one logit z, read as the classes [-z, z] (camcli.models.outputs)
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,14 @@ class ForwardTrace:
     linears: list[tuple[str, Tensor]]  # the nn.Linear calls among them
     logits: Tensor
     kept: Tensor | None  # a copy of the `keep` module's output, in case later in-place ops change it
+    binary: bool = False  # the model returns one logit (read as two classes)
 
 
-def trace_forward(model: nn.Module, spec: InputSpec, device: torch.device, keep: str | None = None) -> ForwardTrace:
-    """One forward of a fixed random probe with a hook on every module, removed in `finally`."""
+def trace_forward(
+    model: nn.Module, spec: InputSpec, device: torch.device, keep: str | None = None, output_key: OutputKey = None
+) -> ForwardTrace:
+    """One forward of a fixed random probe with a hook on every module, removed in `finally`;
+    the output is read as logits by `select_logits` (`output_key` as `--output-key`)."""
     calls: list[tuple[str, Tensor, int]] = []
     linears: list[tuple[str, Tensor]] = []
     kept: list[Tensor] = []
@@ -64,22 +70,55 @@ def trace_forward(model: nn.Module, spec: InputSpec, device: torch.device, keep:
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     was_training = model.training
     generator = torch.Generator().manual_seed(0)
-    probe = torch.randn(1, 3, spec.size, spec.size, generator=generator).to(device)
+    probe = torch.randn(1, spec.channels, spec.size, spec.size, generator=generator).to(device)
     try:
         model.eval()
         with torch.no_grad():
-            logits = model(probe)
+            output = model(probe)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if not isinstance(logits, Tensor) or logits.ndim != 2:
-        raise UsageError("the model must return a (batch, classes) tensor of logits")
-    return ForwardTrace(calls, linears, logits, kept[0] if kept else None)
+    logits = select_logits(output, output_key)
+    raw = raw_output(output, output_key)
+    binary = raw.ndim == 1 or raw.shape[-1] == 1
+    return ForwardTrace(calls, linears, logits, kept[0] if kept else None, binary)
+
+
+def channels_last(module: nn.Module, out: Tensor) -> bool:
+    """A 4-D output of a Linear or LayerNorm acting on its last dimension: (B, H, W, C),
+    as inside ConvNeXt blocks. Reading it as (B, C, H, W) would draw stripes."""
+    if isinstance(module, nn.Linear):
+        features = module.out_features
+    elif isinstance(module, nn.LayerNorm):
+        features = module.normalized_shape[-1]
+    else:
+        return False
+    return out.shape[-1] == features and out.shape[1] != features
+
+
+def _refuse_before_tokens(name: str, records: list[tuple[str, Tensor, int]], modules: dict[str, nn.Module]) -> None:
+    """Until camcli reads token layers: a 4-D tensor followed by token sequences (B, N, C)
+    (a ViT's patch embedding, a Swin position bias) is not what the head decides on, and
+    may not even be a per-image map; refused with the reason, never drawn."""
+    start = max(i for i, r in enumerate(records) if r[0] == name)
+    later = records[start:]
+    tokens = [r[0] for r in later if r[1].ndim == 3 and isinstance(modules[r[0]], (nn.Linear, nn.LayerNorm))]
+    if tokens:
+        raise UsageError(
+            f"the model computes token sequences (B, N, C) after the (B, C, H, W) map {name!r} "
+            f"(e.g. {tokens[-1]!r}), a transformer: camcli cannot read token layers yet, and the "
+            "map before them would not show what the head decides on"
+        )
 
 
 def resolve_layer(
-    model: nn.Module, layer: str, spec: InputSpec, device: torch.device, trace: ForwardTrace | None = None
+    model: nn.Module,
+    layer: str,
+    spec: InputSpec,
+    device: torch.device,
+    trace: ForwardTrace | None = None,
+    output_key: OutputKey = None,
 ) -> LayerInfo:
     """Resolve `--layer` (``auto`` or a dotted module name) with one dry forward.
 
@@ -97,13 +136,17 @@ def resolve_layer(
         raise UsageError(f"no layer named {layer!r} in the model{hint} (`camcli layers` lists them)")
 
     if trace is None:
-        trace = trace_forward(model, spec, device, keep=None if layer == "auto" else layer)
+        trace = trace_forward(model, spec, device, keep=None if layer == "auto" else layer, output_key=output_key)
     records, linears, logits = trace.calls, trace.linears, trace.logits
     named_output = [] if trace.kept is None else [trace.kept]
 
     def is_feature_map(name: str, out: Tensor) -> bool:
         return (
-            out.ndim == 4 and out.shape[2] > 1 and out.shape[3] > 1 and not isinstance(modules[name], POOLING_MODULES)
+            out.ndim == 4
+            and out.shape[2] > 1
+            and out.shape[3] > 1
+            and not isinstance(modules[name], POOLING_MODULES)
+            and not channels_last(modules[name], out)
         )
 
     found = [r for r in records if is_feature_map(r[0], r[1])]
@@ -113,11 +156,18 @@ def resolve_layer(
             raise UsageError("found no (B, C, H, W) feature map to explain; name one with --layer")
         name, activation, version = found[-1]
         as_consumed = activation._version != version
+        _refuse_before_tokens(name, records, modules)
     else:  # any other module: its output as it left the module
         calls = [r for r in records if r[0] == layer]
         if not calls or calls[-1][1].ndim != 4:
             shape = tuple(calls[-1][1].shape) if calls else "nothing (not called)"
             raise UsageError(f"layer {layer!r} outputs {shape}, not a (B, C, H, W) feature map")
+        if channels_last(modules[layer], calls[-1][1]):
+            raise UsageError(
+                f"layer {layer!r} ({type(modules[layer]).__name__}) outputs {tuple(calls[-1][1].shape)} channels "
+                "last (B, H, W, C); camcli reads (B, C, H, W) maps: name the block around it instead"
+            )
+        _refuse_before_tokens(layer, records, modules)
         name, activation, as_consumed = layer, named_output[0], False
     head = _linear_head(activation, logits, linears, modules)
     shape = activation.shape
@@ -128,6 +178,7 @@ def resolve_layer(
         spatial=(int(shape[2]), int(shape[3])),
         num_classes=int(logits.shape[1]),
         head=head,
+        binary=trace.binary,
     )
 
 
@@ -153,3 +204,15 @@ def _linear_head(
 
 def _float(bias: Tensor | None) -> Tensor | None:
     return None if bias is None else bias.float()
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """The channel count the model's first convolution takes (None: no convolution found).
+
+    The first `Conv2d` in definition order is the stem in every torchvision, timm and
+    transformers model; `--channels` overrides it for models built otherwise.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    return None

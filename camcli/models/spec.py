@@ -25,15 +25,38 @@ WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
 
 @dataclass(frozen=True)
 class InputSpec:
-    """How an image becomes the model's input: the whole image resized to size x size."""
+    """How an image becomes the model's input: the whole image resized to size x size,
+    as RGB (3 channels) or luminance (1 channel), normalised per channel."""
 
     size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"  # "bilinear" | "bicubic"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic" | "nearest"
+    channels: int = 3  # 3: RGB; 1: luminance (ITU-R BT.601, as Pillow's convert("L"))
+    channel_order: str = "rgb"  # "bgr" for models trained on BGR (transformers' MobileViT)
 
     def to_json(self) -> dict[str, Any]:
-        return {"size": [self.size, self.size], "mean": list(self.mean), "std": list(self.std)}
+        out: dict[str, Any] = {"size": [self.size, self.size], "mean": list(self.mean), "std": list(self.std)}
+        if self.channels != 3:
+            out["channels"] = self.channels
+        if self.channel_order != "rgb":
+            out["channel_order"] = self.channel_order
+        return out
+
+    def with_channels(self, channels: int) -> InputSpec:
+        """The same recipe for `channels` input channels: 3 -> 1 averages mean and std
+        (the luminance of a grey image keeps its value); a length that fits is kept."""
+        if channels not in (1, 3):
+            raise UsageError(
+                f"the model's first convolution takes {channels} channels; camcli feeds 1 (luminance) "
+                "or 3 (RGB): pass --channels 1 or 3 if that is what it was trained on"
+            )
+        mean, std = self.mean, self.std
+        if len(mean) != channels:
+            mean = (sum(mean) / len(mean),) * channels
+        if len(std) != channels:
+            std = (sum(std) / len(std),) * channels
+        return InputSpec(self.size, mean, std, self.interpolation, channels, self.channel_order)
 
 
 @dataclass
@@ -45,6 +68,8 @@ class LoadedModel:
     weights: str  # what was loaded, for the JSON and for resume checks
     input: InputSpec
     categories: list[str] | None  # class names, or None for unnamed classes
+    output_key: str | int | None = None  # --output-key: which entry of the output holds the logits
+    random_weights: bool = False  # nothing was loaded: predictions and maps come from random weights
 
     def label(self, index: int) -> str:
         if self.categories is not None and 0 <= index < len(self.categories):
@@ -66,7 +91,7 @@ def default_input() -> InputSpec:
 
 def is_weights_path(weights: str) -> bool:
     """True if `--weights` names a file rather than a named set of weights."""
-    return os.sep in weights or Path(weights).suffix in WEIGHT_SUFFIXES or Path(weights).is_file()
+    return os.sep in weights or Path(weights).suffix.lower() in WEIGHT_SUFFIXES or Path(weights).is_file()
 
 
 def read_labels(path: Path) -> list[str]:

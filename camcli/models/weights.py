@@ -120,7 +120,7 @@ def rename_legacy_densenet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def read_weights_file(path: Path) -> dict[str, Tensor]:
     """A state dict from a .safetensors file (a safe format) or a torch checkpoint."""
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
         try:

@@ -21,13 +21,17 @@ class ModelSource:
 
     name: ClassVar[str]  # shown by `camcli models`
     catch_all: ClassVar[bool] = False  # asked last: takes every name the others leave
+    runs_remote_code: ClassVar[bool] = False  # may run a model's own code (--trust-remote-code)
 
     def claims(self, model: str) -> bool:
         """True if `model` (the `--model` string) belongs to this family."""
         raise NotImplementedError
 
     def load(self, model: str, weights: str | None) -> LoadedModel:
-        """Build `model` with `weights` (``None`` = the family's default) on the CPU."""
+        """Build `model` with `weights` (``None`` = the family's default) on the CPU.
+
+        A source that can run a model's own code (Hugging Face) sets `runs_remote_code`
+        and takes ``trust_remote_code=True`` as a keyword."""
         raise NotImplementedError
 
     def names(self) -> list[str]:
@@ -47,7 +51,7 @@ def register_source(cls: type[ModelSource]) -> type[ModelSource]:
 
 
 # Order matters: prefixes and factory specs first, the torchvision catch-all last.
-_SOURCES = ("timm", "factory", "lite0", "torchvision")
+_SOURCES = ("hf", "timm", "factory", "lite0", "torchvision")
 
 
 def sources() -> list[ModelSource]:
@@ -75,9 +79,12 @@ def load_model(
     weights: str | None = None,
     *,
     input_size: int | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     labels: str | Path | Sequence[str] | None = None,
+    channels: int | None = None,
+    output_key: str | int | None = None,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Build `name` with `weights` (enum member, ``none`` or a file) in eval mode on the CPU.
 
@@ -85,21 +92,37 @@ def load_model(
     ``timm:NAME`` only from the local cache), the factory's own initialisation for
     ``package.module:factory``. `labels` (a list, or a file read by `read_labels`)
     names the classes of a model that has its own; `check_labels` compares the count
-    once the model's class count is known.
+    once the model's class count is known. The input channels come from the model's
+    first convolution (`channels` overrides); `output_key` is `--output-key`;
+    `trust_remote_code` lets a Hugging Face folder run its own code.
     """
+    from camcli.models.layers import input_channels
     from camcli.models.spec import DEFAULT_MODEL
 
     name = name or DEFAULT_MODEL
-    loaded = source_for(name).load(name, weights)
+    source = source_for(name)
+    if trust_remote_code and not getattr(source, "runs_remote_code", False):
+        raise UsageError("--trust-remote-code applies to --model hf:... only")
+    loaded = source.load(name, weights, trust_remote_code=True) if trust_remote_code else source.load(name, weights)
     loaded.model.eval()
+    loaded.output_key = output_key
+    loaded.random_weights = loaded.random_weights or (weights or "").lower() == "none"
+    spec = loaded.input
     if input_size is not None or mean is not None or std is not None:
-        spec = loaded.input
-        loaded.input = InputSpec(
+        spec = InputSpec(
             size=input_size or spec.size,
             mean=mean or spec.mean,
             std=std or spec.std,
             interpolation=spec.interpolation,
+            channels=spec.channels,
+            channel_order=spec.channel_order,
         )
+    wanted = channels or input_channels(loaded.model) or spec.channels
+    if wanted != spec.channels or len(spec.mean) != wanted or len(spec.std) != wanted:
+        if mean is not None and len(mean) != wanted or std is not None and len(std) != wanted:
+            raise UsageError(f"--mean and --std need {wanted} values for a {wanted}-channel input")
+        spec = spec.with_channels(wanted)
+    loaded.input = spec
     if labels is not None:
         loaded.categories = read_labels(Path(labels)) if isinstance(labels, (str, Path)) else list(labels)
     return loaded

@@ -96,11 +96,12 @@ def _from_file_or_none(model: str, enum: type[WeightsEnum], choice: str) -> Load
 
 
 def _weights_member(enum: type[WeightsEnum], choice: str) -> WeightsEnum:
+    """An enum member by name, case-insensitively (``imagenet1k_v2``, ``ResNet50_Weights.DEFAULT``)."""
     member_name = choice.rsplit(".", 1)[-1]
     if member_name.upper() == "DEFAULT":
         return enum.DEFAULT
-    try:
-        return enum[member_name]
-    except KeyError:
-        members = ", ".join(["DEFAULT", *enum.__members__, "none", "a .pth/.safetensors file"])
-        raise UsageError(f"unknown weights {choice!r} for {enum.__name__}: use {members}") from None
+    by_upper = {name.upper(): member for name, member in enum.__members__.items()}
+    if member_name.upper() in by_upper:
+        return by_upper[member_name.upper()]
+    names = dict.fromkeys(["DEFAULT", *enum.__members__, "none", "a .pth/.safetensors file"])  # each once
+    raise UsageError(f"unknown weights {choice!r} for {enum.__name__}: use {', '.join(names)}")
