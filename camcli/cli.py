@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from camcli import __version__, commands
 from camcli.boxes import load_boxes
+from camcli.channels import ChannelsOptions, ChannelsRun, parse_channels
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import summarise, table, write_summary
@@ -667,6 +668,90 @@ def _filters(
     for path, picture in pictures.items():
         atomic_write(path, encode_image(picture))
     return list(pictures)
+
+
+@app.command()
+def channels(
+    inputs: Annotated[list[str], typer.Argument(help="Images, folders (recursed), or - for paths on stdin.")],
+    layer: Annotated[str, typer.Option("--layer", help="Dotted module name (auto: the last feature map).")] = "auto",
+    channel_spec: Annotated[
+        str, typer.Option("--channels", help="Channels: all, or indices and ranges like 0-15,32.")
+    ] = "0-15",
+    top: Annotated[int, typer.Option("--top", min=1, help="Strongest activations kept per channel.")] = 9,
+    projection: Annotated[
+        str, typer.Option("--projection", help="guided-backprop, or deconvnet (meaningful with max pooling).")
+    ] = "guided-backprop",
+    model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
+    weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("camcli-out"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again instead of resuming.")] = False,
+    max_pixels: Annotated[
+        int, typer.Option("--max-pixels", min=1, help="Refuse larger images from their header.")
+    ] = DEFAULT_MAX_PIXELS,
+    include: Annotated[list[str] | None, typer.Option("--include", help="Only inputs matching this glob.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip inputs matching this glob.")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """What each channel of a layer responds to over a folder (Zeiler & Fergus fig. 2): its
+    strongest activations, their receptive-field patches and projections, grids and JSON."""
+    with _one_line_errors(debug):
+        code = _channels(**locals())
+    raise typer.Exit(code)
+
+
+def _channels(**opts: Any) -> int:
+    device = resolve_device(opts["device"])
+    items = collect_inputs(
+        opts["inputs"],
+        sys.stdin if "-" in opts["inputs"] else None,
+        opts["include"] or (),
+        opts["exclude"] or (),
+        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
+    )
+    check_writable(opts["out"])
+    loaded = load_model(
+        opts["model"],
+        opts["weights"],
+        input_size=opts["input_size"],
+        mean=_floats(opts["mean"], "--mean"),
+        std=_floats(opts["std"], "--std"),
+    )
+    loaded.model.to(device)
+    info = resolve_layer(loaded.model, opts["layer"], loaded.input, device)
+    options = ChannelsOptions(
+        out_dir=opts["out"],
+        channels=parse_channels(opts["channel_spec"], info.channels),
+        top=opts["top"],
+        projection=opts["projection"],
+        batch_size=opts["batch_size"],
+        workers=opts["workers"],
+        overwrite=opts["overwrite"],
+        max_pixels=opts["max_pixels"],
+    )
+    run = ChannelsRun(loaded, info, device, options)
+    if not items:
+        stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
+        return ExitCode.IMAGE_FAILED
+    summary = run.run(items, lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True))
+    if not opts["quiet"] or summary.interrupted:
+        state = "interrupted (run again to resume); " if summary.interrupted else ""
+        state += "already done; " if summary.skipped else ""
+        stderr.print(
+            f"camcli: {state}{summary.images} images, {summary.failed} failed, {len(options.channels)} channels of "
+            f"{info.name} -> {run.sheet_path()}",
+            markup=False,
+            soft_wrap=True,
+        )
+    if summary.interrupted:
+        return ExitCode.INTERRUPTED
+    return ExitCode.IMAGE_FAILED if summary.failed else ExitCode.OK
 
 
 def _dry_run(run: ExplainRun, items: list[Any], out: Path) -> int:

@@ -173,6 +173,39 @@ def capture(module: nn.Module, as_consumed: bool, track_grad: bool) -> Iterator[
         handle.remove()
 
 
+class _Reached(Exception):
+    """Raised by the hook once the layer's output is captured: the forward stops there."""
+
+
+@contextmanager
+def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
+    store: dict[str, Tensor] = {}
+
+    def hook(_: nn.Module, __: object, output: object) -> None:
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            raise UsageError("the layer must output one (B, C, H, W) tensor")
+        store["activation"] = output
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def layer_output(model: nn.Module, module: nn.Module, inputs: Tensor) -> Tensor:
+    """`module`'s output for `inputs`, running the model only up to it."""
+    with _stop_at(module) as store:
+        try:
+            model(inputs)
+        except _Reached:
+            pass
+    if "activation" not in store:
+        raise UsageError("the layer is not called by the model's forward")
+    return store["activation"]
+
+
 class _Rectifier(torch.autograd.Function):
     """clamp(x, lo, hi) whose backward is a method's rule (e.g. guided backprop's)."""
 

@@ -16,8 +16,6 @@ a busy 2-core CPU, loading included); more steps and pixels give crisper pattern
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
-from camcli.engine import frozen
+from camcli.engine import frozen, layer_output
 from camcli.errors import UsageError
 from camcli.models import InputSpec, LayerInfo
 from camcli.render import tile_grid
@@ -43,39 +41,6 @@ class AscentOptions:
     blur_sigma: float = 0.5
     noise: float = 0.02  # std of the start image's noise around grey (0.5)
     seed: int = 0
-
-
-class _Reached(Exception):
-    """Raised by the hook once the layer's output is captured: the forward stops there."""
-
-
-@contextmanager
-def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
-    store: dict[str, Tensor] = {}
-
-    def hook(_: nn.Module, __: object, output: object) -> None:
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise UsageError("the layer must output one (B, C, H, W) tensor")
-        store["activation"] = output
-        raise _Reached
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def layer_output(model: nn.Module, module: nn.Module, inputs: Tensor) -> Tensor:
-    """`module`'s output for `inputs`, running the model only up to it."""
-    with _stop_at(module) as store:
-        try:
-            model(inputs)
-        except _Reached:
-            pass
-    if "activation" not in store:
-        raise UsageError("the layer is not called by the model's forward")
-    return store["activation"]
 
 
 def maximise_channels(
