@@ -201,6 +201,10 @@ def explain(
     occlusion_fill: Annotated[
         str | None, typer.Option("--occlusion-fill", help="Occlusion: mean (default), blur, or R,G,B in 0-255.")
     ] = None,
+    occlusion_target: Annotated[
+        str | None,
+        typer.Option("--occlusion-target", help="Occlusion measures: class (default), feature, or winner (label map)."),
+    ] = None,
     tiles: Annotated[int | None, typer.Option("--tiles", min=1, help="activations: channels shown (16).")] = None,
     scorecam_top: Annotated[
         int | None,
@@ -237,13 +241,23 @@ def _method_settings(opts: dict[str, Any], spec: InputSpec | None) -> dict[str, 
         "patch": opts["patch"],
         "stride": opts["stride"],
         "fill": fill,
+        "occlusion_target": opts["occlusion_target"].lower() if opts["occlusion_target"] else None,
         "tiles": opts["tiles"],
         "scorecam_top": opts["scorecam_top"],
     }
     return {key: value for key, value in settings.items() if value is not None}
 
 
-_METHOD_OPTIONS = ("samples", "noise", "patch", "stride", "occlusion_fill", "tiles", "scorecam_top")
+_METHOD_OPTIONS = (
+    "samples",
+    "noise",
+    "patch",
+    "stride",
+    "occlusion_fill",
+    "occlusion_target",
+    "tiles",
+    "scorecam_top",
+)
 
 
 def _explain(**opts: Any) -> int:

@@ -101,6 +101,7 @@ class Explanation:
     maps: Tensor  # heatmaps: (B, h, w) in [0, 1]; gradients: (B, 3, H, W), raw; tiles: (B, N, h, w)
     flat: Tensor  # (B,) True where the map had no variation (written as zeros)
     channels: Tensor | None = None  # tiles: (B, N) channel index of each tile
+    categorical: bool = False  # maps hold class indices (a label map, e.g. occlusion's winner), not heat
 
     @property
     def is_gradient(self) -> bool:
@@ -486,13 +487,24 @@ class Explainer:
             targets=torch.stack(targets),
             forward=self._forward,
             chunk_size=self.chunk_size,
+            layer_forward=self._layer_forward,
         )
         for method in self._perturbation:
             attributions = method.attribute(ctx)
+            layer = self.layer.name if method.reads_layer else None
             for rank, rank_targets in enumerate(targets):
-                maps, flat = normalise(attributions[rank].relu())
-                results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
+                if method.categorical:  # class indices per pixel: kept as they are
+                    maps, flat = attributions[rank], torch.zeros(len(inputs), dtype=torch.bool, device=inputs.device)
+                else:
+                    maps, flat = normalise(attributions[rank].relu())
+                results[method.name, rank] = Explanation(
+                    method.name, rank, layer, rank_targets, maps, flat, categorical=method.categorical
+                )
         return logits, targets
+
+    def _layer_forward(self, inputs: Tensor) -> Tensor:
+        """The first target layer's output for extra inputs; the forward stops there."""
+        return layer_output(self.model, self.module, inputs.contiguous(memory_format=self.memory_format))
 
 
 def _fuse(normalised: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
