@@ -21,7 +21,7 @@ from camcli.channels import ChannelsOptions, ChannelsRun, parse_channels
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import summarise, table, write_summary
-from camcli.filters import AscentOptions, filter_grid, kernel_grid
+from camcli.filters import AscentOptions, filter_grid, kernel_grid, kernels_report
 from camcli.io import (
     DEFAULT_MAX_PIXELS,
     OVERLAY_FORMATS,
@@ -29,6 +29,7 @@ from camcli.io import (
     check_writable,
     collect_inputs,
     encode_image,
+    json_bytes,
     json_text,
 )
 from camcli.methods import list_methods, parse_methods
@@ -639,7 +640,9 @@ def filters(
     count: Annotated[int, typer.Option("-n", "--count", min=1, help="The first N channels.")] = 16,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Gradient-ascent steps.")] = AscentOptions.steps,
     size: Annotated[int, typer.Option("--size", min=8, help="Side of the optimised images.")] = AscentOptions.size,
-    kernels: Annotated[bool, typer.Option("--kernels", help="Also draw the first conv's kernels as RGB.")] = False,
+    kernels: Annotated[
+        bool, typer.Option("--kernels", help="Also draw the first conv's kernels as RGB; dead ones listed in JSON.")
+    ] = False,
     weights: Annotated[
         str | None, typer.Option("--weights", help="DEFAULT, an enum member (IMAGENET1K_V1), none, or a .pth.")
     ] = None,
@@ -677,11 +680,15 @@ def _filters(
         info = resolve_layer(loaded.model, layer, loaded.input, device)
         grid = filter_grid(loaded.model, info, loaded.input, count, AscentOptions(steps=steps, size=size))
         pictures[out / f"{stem}.{info.name}.filters.png"] = grid
+    written = []
     if kernels:
-        pictures[out / f"{stem}.kernels.png"] = kernel_grid(loaded.model)
+        report = {"model": loaded.name, "weights": loaded.weights, **kernels_report(loaded.model)}
+        pictures[out / f"{stem}.kernels.png"] = kernel_grid(loaded.model, report["dead"])
+        atomic_write(out / f"{stem}.kernels.json", json_bytes(report))
+        written.append(out / f"{stem}.kernels.json")
     for path, picture in pictures.items():
         atomic_write(path, encode_image(picture))
-    return list(pictures)
+    return list(pictures) + written
 
 
 @app.command()
