@@ -175,7 +175,7 @@ class _StructuralMode(TorchFunctionMode):
 
 
 def receptive_fields(
-    model: nn.Module, module: nn.Module, units: Tensor, size: int, chunk: int = 32
+    model: nn.Module, module: nn.Module, units: Tensor, size: int, chunk: int = 8
 ) -> tuple[Tensor, int]:
     """(N, 4) boxes x0, y0, x1, y1 (end exclusive, model-input pixels) of `units` (N, 3) =
     (channel, y, x) of `module`'s output; and how many max pools the forward met."""
