@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import PEAK_RSS, best_times, header, make_folder, row  # noqa: E402
+from bench import best_times, header, make_folder, peak_rss_mib, row  # noqa: E402
 
 from camcli.channels import TopUnits  # noqa: E402
 from camcli.engine import frozen, layer_output  # noqa: E402
@@ -147,9 +147,7 @@ def peak_memory(small: int, large: int) -> None:
         for count in (small, large):
             make_folder(work / f"in{count}", count, 160, 120)
             command = channels_command(work / f"in{count}", work / f"out{count}", "--layer", MIDDLE)
-            command[1:3] = ["-c", PEAK_RSS]
-            done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            peaks[count] = int(done.stderr.strip().splitlines()[-1]) / 1024
+            peaks[count] = peak_rss_mib(command)
         print(header("images", "peak MiB"))
         for count, mib in peaks.items():
             print(row(count, f"{mib:.0f}"))

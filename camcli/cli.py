@@ -25,6 +25,7 @@ from camcli.filters import AscentOptions, filter_grid, kernel_grid, kernels_repo
 from camcli.io import (
     DEFAULT_MAX_PIXELS,
     OVERLAY_FORMATS,
+    InputItem,
     atomic_write,
     check_writable,
     collect_inputs,
@@ -34,7 +35,7 @@ from camcli.io import (
 )
 from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
-from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
+from camcli.models import DEFAULT_MODEL, InputSpec, LoadedModel, check_labels, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
 from camcli.report import write_report
@@ -261,6 +262,31 @@ _METHOD_OPTIONS = (
 )
 
 
+def _collect(opts: dict[str, Any]) -> list[InputItem]:
+    """The inputs of a folder command: arguments, `-` for paths on stdin, --include/--exclude."""
+    return collect_inputs(
+        opts["inputs"],
+        sys.stdin if "-" in opts["inputs"] else None,
+        opts["include"] or (),
+        opts["exclude"] or (),
+        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
+    )
+
+
+def _load(opts: dict[str, Any], device: Any) -> LoadedModel:
+    """--model, --weights, --input-size, --mean, --std (and --labels where offered), on `device`."""
+    loaded = load_model(
+        opts["model"],
+        opts["weights"],
+        input_size=opts["input_size"],
+        mean=_floats(opts["mean"], "--mean"),
+        std=_floats(opts["std"], "--std"),
+        labels=opts.get("labels"),
+    )
+    loaded.model.to(device)
+    return loaded
+
+
 def _explain(**opts: Any) -> int:
     if opts["colormap"] not in COLORMAPS:
         raise UsageError(f"unknown colormap {opts['colormap']!r}; use one of {', '.join(COLORMAPS)}")
@@ -271,25 +297,10 @@ def _explain(**opts: Any) -> int:
     methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
-    stdin = sys.stdin if "-" in opts["inputs"] else None
-    items = collect_inputs(
-        opts["inputs"],
-        stdin,
-        opts["include"] or (),
-        opts["exclude"] or (),
-        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
-    )
+    items = _collect(opts)
     if not opts["dry_run"]:
         check_writable(opts["out"])
-    loaded = load_model(
-        opts["model"],
-        opts["weights"],
-        input_size=opts["input_size"],
-        mean=_floats(opts["mean"], "--mean"),
-        std=_floats(opts["std"], "--std"),
-        labels=opts["labels"],
-    )
-    loaded.model.to(device)
+    loaded = _load(opts, device)
     methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
     names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
     layers = [resolve_layer(loaded.model, name, loaded.input, device) for name in names or ["auto"]]
@@ -729,22 +740,9 @@ def channels(
 
 def _channels(**opts: Any) -> int:
     device = resolve_device(opts["device"])
-    items = collect_inputs(
-        opts["inputs"],
-        sys.stdin if "-" in opts["inputs"] else None,
-        opts["include"] or (),
-        opts["exclude"] or (),
-        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
-    )
+    items = _collect(opts)
     check_writable(opts["out"])
-    loaded = load_model(
-        opts["model"],
-        opts["weights"],
-        input_size=opts["input_size"],
-        mean=_floats(opts["mean"], "--mean"),
-        std=_floats(opts["std"], "--std"),
-    )
-    loaded.model.to(device)
+    loaded = _load(opts, device)
     info = resolve_layer(loaded.model, opts["layer"], loaded.input, device)
     options = ChannelsOptions(
         out_dir=opts["out"],
