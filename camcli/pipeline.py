@@ -39,7 +39,16 @@ from camcli.io import (
 )
 from camcli.metrics import MetricOptions, evaluate_batch
 from camcli.models import InputSpec, LoadedModel
-from camcli.render import colorize, comparison_grid, gradient_image, heatmap_at_size, label_map, overlay, tile_grid
+from camcli.render import (
+    colorize,
+    comparison_grid,
+    gradient_image,
+    heatmap_at_size,
+    label_map,
+    labels_at_size,
+    overlay,
+    tile_grid,
+)
 
 SCHEMA_VERSION = 1
 
@@ -322,7 +331,7 @@ class ExplainRun:
                         raw = e["maps"][i]
                         picture = tile_grid(colorize(raw, options.colormap))
                     elif e["categorical"]:  # class indices (h, w): a label map with a legend
-                        raw = e["maps"][i]
+                        raw = labels_at_size(e["maps"][i], width, height)
                         legend = [(c["index"], f"{c['label']} ({c['share']:.0%})") for c in meta["classes"]]
                         picture = label_map(entry.image, raw, legend, options.alpha)
                     else:
