@@ -169,11 +169,15 @@ LABEL_COLOURS = np.array(
 )
 
 
+def labels_at_size(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A model-resolution map of class indices at the image's size (nearest: no blended classes)."""
+    return cv2.resize(labels.astype(np.float32), (width, height), interpolation=cv2.INTER_NEAREST)
+
+
 def label_map(image: np.ndarray, labels: np.ndarray, legend: list[tuple[int, str]], alpha: float = 0.5) -> np.ndarray:
-    """An (H, W) map of class indices over the RGB image, one colour per class in `legend`
-    order (index, text), with the legend drawn in a white strip below the picture."""
+    """An (H, W) map of class indices (the image's size) over the RGB image, one colour per
+    class in `legend` order (index, text), with the legend in a white strip below the picture."""
     height, width = image.shape[:2]
-    labels = cv2.resize(labels.astype(np.int32).astype(np.float32), (width, height), interpolation=cv2.INTER_NEAREST)
     colours = np.zeros((height, width, 3), dtype=np.uint8)
     for n, (index, _) in enumerate(legend):
         colours[labels == index] = LABEL_COLOURS[n % len(LABEL_COLOURS)]
