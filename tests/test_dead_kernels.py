@@ -29,7 +29,7 @@ def test_dead_kernels_by_hand() -> None:
     kernels = dead_kernels(model[0].weight)
     assert [k["dead"] for k in kernels] == [None, None, None, "zero", "uniform", "zero", None]
     assert kernels[4]["structure"] < 1e-6 and kernels[6]["structure"] > UNIFORM_FRACTION
-    median = torch.stack([model[0].weight[c].norm() for c in range(7)]).median()
+    median = torch.stack([model[0].weight[c].detach().norm() for c in range(7)]).median()
     assert kernels[5]["norm"] < ZERO_FRACTION * float(median) < kernels[0]["norm"]
     report = kernels_report(model)
     assert report["layer"] == "0" and report["dead"] == [3, 4, 5] and report["shape"] == [7, 3, 5, 5]
