@@ -294,6 +294,13 @@ PEAK_RSS = textwrap.dedent(
 )
 
 
+def peak_rss_mib(command: list[str]) -> float:
+    """Peak RSS in MiB of a `python -m camcli ...` command, measured by the child itself."""
+    command = [command[0], "-c", PEAK_RSS, *command[3:]]
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return int(done.stderr.strip().splitlines()[-1]) / 1024
+
+
 def timed(command: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -368,9 +375,7 @@ def peak_memory(small: int, large: int) -> None:
             command = camcli_command(
                 work / f"in{count}", work / f"out{count}", "-m", "gradcam", "--model", "resnet18", "--weights", "none"
             )
-            command[1:3] = ["-c", PEAK_RSS]
-            done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            peaks[count] = int(done.stderr.strip().splitlines()[-1]) / 1024
+            peaks[count] = peak_rss_mib(command)
         print(header("images", "peak MiB"))
         for count, mib in peaks.items():
             print(row(count, f"{mib:.0f}"))

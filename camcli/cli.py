@@ -17,22 +17,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from camcli import __version__, commands
 from camcli.boxes import load_boxes
+from camcli.channels import ChannelsOptions, ChannelsRun, parse_channels
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import summarise, table, write_summary
-from camcli.filters import AscentOptions, filter_grid, kernel_grid
+from camcli.filters import AscentOptions, filter_grid, kernel_grid, kernels_report
 from camcli.io import (
     DEFAULT_MAX_PIXELS,
     OVERLAY_FORMATS,
+    InputItem,
     atomic_write,
     check_writable,
     collect_inputs,
     encode_image,
+    json_bytes,
     json_text,
 )
 from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
-from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
+from camcli.models import DEFAULT_MODEL, InputSpec, LoadedModel, check_labels, load_model, resolve_layer
 from camcli.models.outputs import parse_output_key
 from camcli.pipeline import ExplainRun, RunOptions, choose_score
 from camcli.render import COLORMAPS
@@ -251,6 +254,10 @@ def explain(
     occlusion_fill: Annotated[
         str | None, typer.Option("--occlusion-fill", help="Occlusion: mean (default), blur, or R,G,B in 0-255.")
     ] = None,
+    occlusion_target: Annotated[
+        str | None,
+        typer.Option("--occlusion-target", help="Occlusion measures: class (default), feature, or winner (label map)."),
+    ] = None,
     tiles: Annotated[int | None, typer.Option("--tiles", min=1, help="activations: channels shown (16).")] = None,
     scorecam_top: Annotated[
         int | None,
@@ -287,13 +294,51 @@ def _method_settings(opts: dict[str, Any], spec: InputSpec | None) -> dict[str, 
         "patch": opts["patch"],
         "stride": opts["stride"],
         "fill": fill,
+        "occlusion_target": opts["occlusion_target"].lower() if opts["occlusion_target"] else None,
         "tiles": opts["tiles"],
         "scorecam_top": opts["scorecam_top"],
     }
     return {key: value for key, value in settings.items() if value is not None}
 
 
-_METHOD_OPTIONS = ("samples", "noise", "patch", "stride", "occlusion_fill", "tiles", "scorecam_top")
+_METHOD_OPTIONS = (
+    "samples",
+    "noise",
+    "patch",
+    "stride",
+    "occlusion_fill",
+    "occlusion_target",
+    "tiles",
+    "scorecam_top",
+)
+
+
+def _collect(opts: dict[str, Any]) -> list[InputItem]:
+    """The inputs of a folder command: arguments, `-` for paths on stdin, --include/--exclude."""
+    return collect_inputs(
+        opts["inputs"],
+        sys.stdin if "-" in opts["inputs"] else None,
+        opts["include"] or (),
+        opts["exclude"] or (),
+        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
+    )
+
+
+def _load(opts: dict[str, Any], device: Any) -> LoadedModel:
+    """--model, --weights, --input-size, --mean, --std (and --labels where offered), on `device`."""
+    loaded = load_model(
+        opts["model"],
+        opts["weights"],
+        input_size=opts["input_size"],
+        mean=_floats(opts["mean"], "--mean", (1, 3)),
+        std=_floats(opts["std"], "--std", (1, 3)),
+        labels=opts.get("labels"),
+        channels=opts.get("channels"),
+        output_key=parse_output_key(opts.get("output_key")),
+        trust_remote_code=opts.get("trust_remote_code", False),
+    )
+    loaded.model.to(device)
+    return loaded
 
 
 def _explain(**opts: Any) -> int:
@@ -306,31 +351,13 @@ def _explain(**opts: Any) -> int:
     methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
-    stdin = sys.stdin if "-" in opts["inputs"] else None
-    items = collect_inputs(
-        opts["inputs"],
-        stdin,
-        opts["include"] or (),
-        opts["exclude"] or (),
-        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
-    )
+    items = _collect(opts)
     if not opts["dry_run"]:
         check_writable(opts["out"])
     if opts["draw_boxes"] and opts["box_threshold"] is None:
         raise UsageError("--draw-boxes draws the boxes of --box-threshold F (e.g. 0.15): give it too")
     output_key = parse_output_key(opts["output_key"])
-    loaded = load_model(
-        opts["model"],
-        opts["weights"],
-        input_size=opts["input_size"],
-        mean=_floats(opts["mean"], "--mean", (1, 3)),
-        std=_floats(opts["std"], "--std", (1, 3)),
-        labels=opts["labels"],
-        channels=opts["channels"],
-        output_key=output_key,
-        trust_remote_code=opts["trust_remote_code"],
-    )
-    loaded.model.to(device)
+    loaded = _load(opts, device)
     methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
     names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
     layers = [
@@ -712,7 +739,9 @@ def filters(
     count: Annotated[int, typer.Option("-n", "--count", min=1, help="The first N channels.")] = 16,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Gradient-ascent steps.")] = AscentOptions.steps,
     size: Annotated[int, typer.Option("--size", min=8, help="Side of the optimised images.")] = AscentOptions.size,
-    kernels: Annotated[bool, typer.Option("--kernels", help="Also draw the first conv's kernels as RGB.")] = False,
+    kernels: Annotated[
+        bool, typer.Option("--kernels", help="Also draw the first conv's kernels as RGB; dead ones listed in JSON.")
+    ] = False,
     weights: Annotated[
         str | None, typer.Option("--weights", help="DEFAULT, an enum member (IMAGENET1K_V1), none, or a .pth.")
     ] = None,
@@ -750,11 +779,86 @@ def _filters(
         info = resolve_layer(loaded.model, layer, loaded.input, device)
         grid = filter_grid(loaded.model, info, loaded.input, count, AscentOptions(steps=steps, size=size))
         pictures[out / f"{stem}.{info.name}.filters.png"] = grid
+    written = []
     if kernels:
-        pictures[out / f"{stem}.kernels.png"] = kernel_grid(loaded.model)
+        report = {"model": loaded.name, "weights": loaded.weights, **kernels_report(loaded.model)}
+        pictures[out / f"{stem}.kernels.png"] = kernel_grid(loaded.model, report["dead"])
+        atomic_write(out / f"{stem}.kernels.json", json_bytes(report))
+        written.append(out / f"{stem}.kernels.json")
     for path, picture in pictures.items():
         atomic_write(path, encode_image(picture))
-    return list(pictures)
+    return list(pictures) + written
+
+
+@app.command()
+def channels(
+    inputs: Annotated[list[str], typer.Argument(help="Images, folders (recursed), or - for paths on stdin.")],
+    layer: Annotated[str, typer.Option("--layer", help="Dotted module name (auto: the last feature map).")] = "auto",
+    channel_spec: Annotated[
+        str, typer.Option("--channels", help="Channels: all, or indices and ranges like 0-15,32.")
+    ] = "0-15",
+    top: Annotated[int, typer.Option("--top", min=1, help="Strongest activations kept per channel.")] = 9,
+    projection: Annotated[
+        str, typer.Option("--projection", help="guided-backprop, or deconvnet (meaningful with max pooling).")
+    ] = "guided-backprop",
+    model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
+    weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("camcli-out"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again instead of resuming.")] = False,
+    max_pixels: Annotated[
+        int, typer.Option("--max-pixels", min=1, help="Refuse larger images from their header.")
+    ] = DEFAULT_MAX_PIXELS,
+    include: Annotated[list[str] | None, typer.Option("--include", help="Only inputs matching this glob.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Skip inputs matching this glob.")] = None,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """What each channel of a layer responds to over a folder (Zeiler & Fergus fig. 2): its
+    strongest activations, their receptive-field patches and projections, grids and JSON."""
+    with _one_line_errors(debug):
+        code = _channels(**locals())
+    raise typer.Exit(code)
+
+
+def _channels(**opts: Any) -> int:
+    device = resolve_device(opts["device"])
+    items = _collect(opts)
+    check_writable(opts["out"])
+    loaded = _load(opts, device)
+    info = resolve_layer(loaded.model, opts["layer"], loaded.input, device)
+    options = ChannelsOptions(
+        out_dir=opts["out"],
+        channels=parse_channels(opts["channel_spec"], info.channels),
+        top=opts["top"],
+        projection=opts["projection"],
+        batch_size=opts["batch_size"],
+        workers=opts["workers"],
+        overwrite=opts["overwrite"],
+        max_pixels=opts["max_pixels"],
+    )
+    run = ChannelsRun(loaded, info, device, options)
+    if not items:
+        stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
+        return ExitCode.IMAGE_FAILED
+    summary = run.run(items, lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True))
+    if not opts["quiet"] or summary.interrupted:
+        state = "interrupted (run again to resume); " if summary.interrupted else ""
+        state += "already done; " if summary.skipped else ""
+        stderr.print(
+            f"camcli: {state}{summary.images} images, {summary.failed} failed, {len(options.channels)} channels of "
+            f"{info.name} -> {run.sheet_path()}",
+            markup=False,
+            soft_wrap=True,
+        )
+    if summary.interrupted:
+        return ExitCode.INTERRUPTED
+    return ExitCode.IMAGE_FAILED if summary.failed else ExitCode.OK
 
 
 def _dry_run(run: ExplainRun, items: list[Any], out: Path) -> int:

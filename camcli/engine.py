@@ -132,6 +132,7 @@ class Explanation:
     channels: Tensor | None = None  # tiles: (B, N) channel index of each tile
     raw: Tensor | None = None  # CAM family, one layer: the map before ReLU and min-max, (B, h, w) float32
     valid: Tensor | None = None  # (B,) False where a sample has no target at this rank (-t positive)
+    categorical: bool = False  # maps hold class indices (a label map, e.g. occlusion's winner), not heat
 
     @property
     def is_gradient(self) -> bool:
@@ -202,6 +203,39 @@ def capture(module: nn.Module, as_consumed: bool, track_grad: bool) -> Iterator[
         yield store
     finally:
         handle.remove()
+
+
+class _Reached(Exception):
+    """Raised by the hook once the layer's output is captured: the forward stops there."""
+
+
+@contextmanager
+def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
+    store: dict[str, Tensor] = {}
+
+    def hook(_: nn.Module, __: object, output: object) -> None:
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            raise UsageError("the layer must output one (B, C, H, W) tensor")
+        store["activation"] = output
+        raise _Reached
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def layer_output(model: nn.Module, module: nn.Module, inputs: Tensor) -> Tensor:
+    """`module`'s output for `inputs`, running the model only up to it."""
+    with _stop_at(module) as store:
+        try:
+            model(inputs)
+        except _Reached:
+            pass
+    if "activation" not in store:
+        raise UsageError("the layer is not called by the model's forward")
+    return store["activation"]
 
 
 class _Rectifier(torch.autograd.Function):
@@ -546,13 +580,24 @@ class Explainer:
             targets=torch.stack(targets),
             forward=self._forward,
             chunk_size=self.chunk_size,
+            layer_forward=self._layer_forward,
         )
         for method in self._perturbation:
             attributions = method.attribute(ctx)
+            layer = self.layer.name if method.reads_layer else None
             for rank, rank_targets in enumerate(targets):
-                maps, flat = normalise(attributions[rank].relu())
-                results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
+                if method.categorical:  # class indices per pixel: kept as they are
+                    maps, flat = attributions[rank], torch.zeros(len(inputs), dtype=torch.bool, device=inputs.device)
+                else:
+                    maps, flat = normalise(attributions[rank].relu())
+                results[method.name, rank] = Explanation(
+                    method.name, rank, layer, rank_targets, maps, flat, categorical=method.categorical
+                )
         return logits, targets
+
+    def _layer_forward(self, inputs: Tensor) -> Tensor:
+        """The first target layer's output for extra inputs; the forward stops there."""
+        return layer_output(self.model, self.module, inputs.contiguous(memory_format=self.memory_format))
 
 
 def _transformer_for(model: nn.Module, methods: Sequence[AttentionMethod]) -> Transformer | None:

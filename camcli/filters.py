@@ -16,8 +16,8 @@ a busy 2-core CPU, loading included); more steps and pixels give crisper pattern
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
-from camcli.engine import frozen
+from camcli.engine import frozen, layer_output
 from camcli.errors import UsageError
 from camcli.models import InputSpec, LayerInfo
 from camcli.render import tile_grid
@@ -43,39 +43,6 @@ class AscentOptions:
     blur_sigma: float = 0.5
     noise: float = 0.02  # std of the start image's noise around grey (0.5)
     seed: int = 0
-
-
-class _Reached(Exception):
-    """Raised by the hook once the layer's output is captured: the forward stops there."""
-
-
-@contextmanager
-def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
-    store: dict[str, Tensor] = {}
-
-    def hook(_: nn.Module, __: object, output: object) -> None:
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise UsageError("the layer must output one (B, C, H, W) tensor")
-        store["activation"] = output
-        raise _Reached
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def layer_output(model: nn.Module, module: nn.Module, inputs: Tensor) -> Tensor:
-    """`module`'s output for `inputs`, running the model only up to it."""
-    with _stop_at(module) as store:
-        try:
-            model(inputs)
-        except _Reached:
-            pass
-    if "activation" not in store:
-        raise UsageError("the layer is not called by the model's forward")
-    return store["activation"]
 
 
 def maximise_channels(
@@ -117,12 +84,62 @@ def maximise_channels(
     return image.detach()
 
 
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    """The first convolution that reads the RGB input, with its name."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
+            return name, module
+    raise UsageError("the model has no convolution with 3 input channels")
+
+
 def first_conv_kernels(model: nn.Module) -> Tensor:
     """(C, 3, k, k) weights of the first convolution that reads the RGB input."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
-            return module.weight.detach()
-    raise UsageError("the model has no convolution with 3 input channels")
+    return first_conv(model)[1].weight.detach()
+
+
+# Dead first-layer features (Zeiler & Fergus, section 4.1 and fig. 6: filters that are
+# nearly zero or without structure). A kernel is
+# - "zero" when its L2 norm is under ZERO_FRACTION of the median kernel norm of the layer
+#   (it barely responds to anything, next to its siblings), and
+# - "uniform" when under UNIFORM_FRACTION of its L2 norm is spatial structure,
+#   ||w - spatial mean of w|| / ||w|| (per colour plane): it sees only the mean colour of
+#   its window, a grey or flat-colour tile in the kernel grid.
+ZERO_FRACTION = 0.05
+UNIFORM_FRACTION = 0.1
+
+
+def dead_kernels(weight: Tensor) -> list[dict[str, object]]:
+    """Per kernel of a (C, 3, k, k) weight: its norm, its structure fraction, and whether
+    it is dead ("zero", "uniform" or None), by the thresholds above."""
+    w = weight.detach().float().flatten(2)  # (C, 3, k*k)
+    norm = w.flatten(1).norm(dim=1)
+    structure = (w - w.mean(2, keepdim=True)).flatten(1).norm(dim=1) / norm.clamp(min=1e-12)
+    median = norm.median()
+    kernels = []
+    for c in range(len(w)):
+        dead = None
+        if norm[c] < ZERO_FRACTION * median:
+            dead = "zero"
+        elif structure[c] < UNIFORM_FRACTION:
+            dead = "uniform"
+        kernels.append({"index": c, "norm": float(norm[c]), "structure": float(structure[c]), "dead": dead})
+    return kernels
+
+
+def kernels_report(model: nn.Module) -> dict[str, object]:
+    """What `camcli filters --kernels` writes as JSON: every first-layer kernel, the dead ones listed."""
+    name, conv = first_conv(model)
+    kernels = dead_kernels(conv.weight)
+    return {
+        "layer": name,
+        "shape": list(conv.weight.shape),
+        "thresholds": {
+            "zero": f"L2 norm < {ZERO_FRACTION} x the median kernel norm",
+            "uniform": f"||w - spatial mean of w|| / ||w|| < {UNIFORM_FRACTION}",
+        },
+        "dead": [k["index"] for k in kernels if k["dead"] is not None],
+        "kernels": kernels,
+    }
 
 
 def stretch(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
@@ -145,6 +162,13 @@ def filter_grid(model: nn.Module, layer: LayerInfo, spec: InputSpec, count: int,
     return tile_grid(_rgb(stretch(maximise_channels(model, layer.name, channels, spec, options))))
 
 
-def kernel_grid(model: nn.Module) -> np.ndarray:
-    """The first convolution's kernels as RGB tiles, each min-max scaled on its own."""
-    return tile_grid(_rgb(stretch(first_conv_kernels(model), 0.0, 1.0)), min_side=32)
+def kernel_grid(model: nn.Module, dead: Sequence[int] = ()) -> np.ndarray:
+    """The first convolution's kernels as RGB tiles, each min-max scaled on its own; the
+    `dead` ones framed in red."""
+    tiles = _rgb(stretch(first_conv_kernels(model), 0.0, 1.0))
+    scale = max(1, math.ceil(32 / max(tiles.shape[1:3])))
+    tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)
+    for index in dead:
+        tiles[index, [0, 1, -2, -1], :] = (255, 0, 0)
+        tiles[index, :, [0, 1, -2, -1]] = (255, 0, 0)
+    return tile_grid(tiles, min_side=32)

@@ -39,7 +39,17 @@ from camcli.io import (
 )
 from camcli.metrics import MetricOptions, evaluate_batch
 from camcli.models import InputSpec, LoadedModel
-from camcli.render import colorize, comparison_grid, draw_boxes, gradient_image, heatmap_at_size, overlay, tile_grid
+from camcli.render import (
+    colorize,
+    comparison_grid,
+    draw_boxes,
+    gradient_image,
+    heatmap_at_size,
+    label_map,
+    labels_at_size,
+    overlay,
+    tile_grid,
+)
 
 SCHEMA_VERSION = 1
 
@@ -214,13 +224,14 @@ class ExplainRun:
                 sizes = [d.image.shape[:2] for d in good]  # type: ignore[union-attr]
                 found = [boxes.lookup(d.item) for d in good] if boxes is not None else None
                 per_image = [b.boxes if b is not None else None for b in found] if found is not None else None
-                scored = [e for e in result.explanations if not e.is_tiles]  # layer channels are no heatmap
+                unscored = [e.is_tiles or e.categorical for e in result.explanations]  # no heatmap to score
+                scored = [e for e, skip in zip(result.explanations, unscored, strict=True) if not skip]
                 values = iter(
                     evaluate_batch(
                         self.explainer.net, batch, scored, sizes, per_image, self.options.metrics, result.logits
                     )
                 )
-                metrics = [None if e.is_tiles else next(values) for e in result.explanations]
+                metrics = [None if skip else next(values) for skip in unscored]
         arrays = _to_numpy(result, metrics, self.options.score) if result is not None else None
         position = 0
         for entry in decoded:
@@ -312,10 +323,26 @@ class ExplainRun:
                 meta["metrics"] = _metrics_json(e["metrics"], i)
             if e["channels"] is not None:
                 meta["channels"] = [int(c) for c in e["channels"][i]]
+            if e["categorical"]:  # a label map: the classes it shows, by share of the picture
+                indices, counts = np.unique(e["maps"][i].astype(np.int64), return_counts=True)
+                order = np.argsort(-counts, kind="stable")
+                meta["classes"] = [
+                    {
+                        "index": int(indices[n]),
+                        "label": loaded.label(int(indices[n])),
+                        "share": float(counts[n] / counts.sum()),
+                    }
+                    for n in order
+                ]
             if options.save_raw and e["raw"] is not None:
                 raw = e["raw"][i]
                 meta |= {"raw_heatmap": f"{stem}.raw.npy", "raw_min": float(raw.min()), "raw_max": float(raw.max())}
-            if options.box_threshold is not None and e["channels"] is None and e["maps"][i].ndim == 2:
+            if (
+                options.box_threshold is not None
+                and e["channels"] is None
+                and not e["categorical"]
+                and e["maps"][i].ndim == 2
+            ):
                 heat = heatmap_at_size(e["maps"][i], record["width"], record["height"])
                 meta["boxes"] = map_boxes(heat, options.box_threshold)
                 if truth is not None:  # the largest box against the best-matching labelled one
@@ -344,6 +371,10 @@ class ExplainRun:
                     if e["channels"] is not None:  # layer channels (N, h, w): one tile each
                         raw = e["maps"][i]
                         picture = tile_grid(colorize(raw, options.colormap))
+                    elif e["categorical"]:  # class indices (h, w): a label map with a legend
+                        raw = labels_at_size(e["maps"][i], width, height)
+                        legend = [(c["index"], f"{c['label']} ({c['share']:.0%})") for c in meta["classes"]]
+                        picture = label_map(entry.image, raw, legend, options.alpha)
                     else:
                         raw = heatmap_at_size(e["maps"][i], width, height)
                         if raw.ndim == 3:  # input gradient (H, W, 3): deprocessed image
@@ -490,6 +521,7 @@ def _to_numpy(
                 if metrics is None or metrics[n] is None
                 else {k: v.cpu().numpy() for k, v in metrics[n].items()},
                 "channels": None if e.channels is None else e.channels.cpu().numpy(),
+                "categorical": e.categorical,
             }
         )
     return {

@@ -154,3 +154,49 @@ def draw_boxes(picture: np.ndarray, boxes: list[list[int]], thickness: int = 2) 
         cv2.rectangle(out, (x0, y0), (x1, y1), (0, 0, 0), thickness + 2)
         cv2.rectangle(out, (x0, y0), (x1, y1), (255, 255, 255), thickness)
     return out
+
+
+# --- label maps (occlusion's winner) --------------------------------------------------------
+
+# Tableau's 10 categorical colours (RGB), then two more: classes beyond 12 reuse them in order.
+LABEL_COLOURS = np.array(
+    [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+        (0, 0, 0),
+        (255, 255, 255),
+    ],
+    dtype=np.uint8,
+)
+
+
+def labels_at_size(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A model-resolution map of class indices at the image's size (nearest: no blended classes)."""
+    return cv2.resize(labels.astype(np.float32), (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def label_map(image: np.ndarray, labels: np.ndarray, legend: list[tuple[int, str]], alpha: float = 0.5) -> np.ndarray:
+    """An (H, W) map of class indices (the image's size) over the RGB image, one colour per
+    class in `legend` order (index, text), with the legend in a white strip below the picture."""
+    height, width = image.shape[:2]
+    colours = np.zeros((height, width, 3), dtype=np.uint8)
+    for n, (index, _) in enumerate(legend):
+        colours[labels == index] = LABEL_COLOURS[n % len(LABEL_COLOURS)]
+    blended = cv2.addWeighted(image, 1.0 - alpha, colours, alpha, 0.0)
+    line = max(18, round(width / 22))
+    strip = np.full((line * len(legend) + line // 2, width, 3), 255, dtype=np.uint8)
+    for n, (_, text) in enumerate(legend):
+        top = line // 4 + n * line
+        colour = tuple(int(c) for c in LABEL_COLOURS[n % len(LABEL_COLOURS)])
+        cv2.rectangle(strip, (line // 4, top + 2), (line // 4 + line - 6, top + line - 4), colour, -1)
+        cv2.rectangle(strip, (line // 4, top + 2), (line // 4 + line - 6, top + line - 4), (0, 0, 0), 1)
+        _put_text(strip, text, line // 4 + line, top + round(line * 0.72), width - line * 2, line * 2, bold=False)
+    return np.concatenate([blended, strip], 0)

@@ -509,7 +509,11 @@ def test_filters_command(tmp_path) -> None:
         + ["--size", "32", "--kernels", "-o", str(tmp_path)],
     )
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet18.kernels.png", "resnet18.layer1.filters.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "resnet18.kernels.json",
+        "resnet18.kernels.png",
+        "resnet18.layer1.filters.png",
+    ]
     bad = CliRunner().invoke(app, ["filters", "resnet18", "--weights", "none", "-o", str(tmp_path)])
     assert bad.exit_code == 2 and "--layer" in bad.output
 

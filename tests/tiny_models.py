@@ -132,3 +132,35 @@ class _Logits(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.body.logits(x)
+
+
+class Patterns(nn.Module):
+    """Channel k of `pool` fires only on a plus-shaped mark in colour plane k.
+
+    conv 3x3 (no padding: a border would fire): channel k = +1 on the plus of plane k, -1.25 on its corners (sum 0:
+    a uniform patch gives 0), bias -0.05 -> ReLU -> max pool 2 -> global average pool -> linear.
+    A plus of height v in plane k gives 5 v at its centre, less anywhere else.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 3)
+        plus = torch.tensor([[-1.25, 1.0, -1.25], [1.0, 1.0, 1.0], [-1.25, 1.0, -1.25]])
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            for k in range(3):
+                self.conv.weight[k, k] = plus
+            self.conv.bias.fill_(-0.05)
+            self.fc.weight.copy_(torch.eye(3))
+            self.fc.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.gap(self.pool(self.relu(self.conv(x)))).flatten(1))
+
+
+def patterns() -> nn.Module:
+    return Patterns()

@@ -97,10 +97,14 @@ class ModelContext:
     targets: Tensor  # (R, B) class index per target rank and sample
     forward: Callable[[Tensor], Tensor]  # batched logits of extra inputs (no grad)
     chunk_size: int  # how many extra inputs one forward may take
+    layer_forward: Callable[[Tensor], Tensor] | None = None  # the target layer's (B, C, h, w) for extra inputs
 
 
 class PerturbationMethod(Method):
     """A map from the model's scores on modified inputs (no hooks, no gradient)."""
+
+    reads_layer: bool = False  # True: `attribute` reads ctx.layer_forward (the explanation names the layer)
+    categorical: bool = False  # True: `attribute` returns class indices (a label map), kept as they are
 
     def attribute(self, ctx: ModelContext) -> Tensor:
         """(R, B, h, w) map per target rank, before the engine's relu and normalisation."""

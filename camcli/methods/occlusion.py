@@ -12,21 +12,38 @@ wins (or rise while it loses) because softmax depends on the other classes too. 
 last position of each row and column is moved to the border so every pixel is covered.
 All (sample, position) pairs of a batch run in chunks of `--chunk-size` forwards
 without autograd; every target rank reads the same forwards.
+
+`--occlusion-target` picks what is measured under the occluder, the paper's three views:
+- ``class`` (default, fig. 7 b/d): P_c as above.
+- ``feature`` (fig. 7 b, first column): the total activation sum_yx A_k of the target
+  layer's strongest channel k (the largest single activation on the clean image),
+  M_ij = mean over covering patches of (S_k(x) - S_k(x with p occluded)): high where
+  covering the image silences the feature, i.e. on that channel's receptive field. The
+  forwards stop at the layer.
+- ``winner`` (fig. 7 e): the most probable class with the occluder at each position; each
+  pixel gets the winner of the position whose patch centre is nearest. Not a heatmap: a
+  label map (class indices) that the writer draws with a legend and lists in the JSON.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-from torchvision.transforms.functional import gaussian_blur
+from typing import TYPE_CHECKING
 
 from camcli.errors import UsageError
 from camcli.methods import register
 from camcli.methods.base import ModelContext, PerturbationMethod
 
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+TARGETS = ("class", "feature", "winner")
+
 
 def patch_starts(size: int, patch: int, stride: int, device: torch.device) -> Tensor:
     """Start offsets along one axis: every `stride`, plus the last one flush with the border."""
+    import torch
+
     last = size - patch
     starts = list(range(0, last + 1, stride))
     if starts[-1] != last:
@@ -36,6 +53,8 @@ def patch_starts(size: int, patch: int, stride: int, device: torch.device) -> Te
 
 def patch_masks(height: int, width: int, patch: int, stride: int, device: torch.device) -> Tensor:
     """(P, H, W) bool: one mask per patch position, rows first."""
+    import torch
+
     ys = patch_starts(height, patch, stride, device)
     xs = patch_starts(width, patch, stride, device)
     rows = torch.arange(height, device=device)
@@ -54,10 +73,14 @@ class Occlusion(PerturbationMethod):
     needs = "P forwards (P = patch positions)"
     cost = "1 + P forwards"
     in_all = False
-    settings = ("patch", "stride", "fill")
+    settings = ("patch", "stride", "fill", "occlusion_target")
 
     def __init__(
-        self, patch: int = 32, stride: int | None = None, fill: str | tuple[float, float, float] = "mean"
+        self,
+        patch: int = 32,
+        stride: int | None = None,
+        fill: str | tuple[float, float, float] = "mean",
+        occlusion_target: str = "class",
     ) -> None:
         stride = max(1, patch // 2) if stride is None else stride  # default: patches overlap by half
         if patch < 1 or stride < 1:
@@ -66,12 +89,20 @@ class Occlusion(PerturbationMethod):
             raise UsageError(f"--stride {stride} is larger than --patch {patch}: some pixels would never be occluded")
         if isinstance(fill, str) and fill not in ("mean", "blur"):
             raise UsageError(f"--occlusion-fill must be mean, blur or R,G,B, not {fill!r}")
+        if occlusion_target not in TARGETS:
+            raise UsageError(f"--occlusion-target must be one of {', '.join(TARGETS)}, not {occlusion_target!r}")
         self.patch = patch
         self.stride = stride
         self.fill = fill  # "mean", "blur", or a colour in normalised input units
+        self.target = occlusion_target
+        self.reads_layer = occlusion_target == "feature"  # the engine passes the layer's forward
+        self.categorical = occlusion_target == "winner"  # a label map, not a heatmap
 
     def baseline(self, inputs: Tensor) -> Tensor:
         """What an occluded pixel is replaced with, (B, 3, H, W)."""
+        import torch
+        from torchvision.transforms.functional import gaussian_blur
+
         if self.fill == "mean":
             return torch.zeros_like(inputs)
         if self.fill == "blur":  # sigma = patch / 4: the patch's content is gone, its colours stay
@@ -82,6 +113,10 @@ class Occlusion(PerturbationMethod):
         return colour.view(1, 3, 1, 1).expand_as(inputs)
 
     def attribute(self, ctx: ModelContext) -> Tensor:
+        """(R, B, H, W): the mean drop of the measured score over the patches covering each
+        pixel (class, feature), or the winning class index at each pixel (winner)."""
+        import torch
+
         inputs = ctx.inputs
         batch, _, height, width = inputs.shape
         patch = min(self.patch, height, width)
@@ -89,15 +124,57 @@ class Occlusion(PerturbationMethod):
         positions = masks.shape[0]
         base = self.baseline(inputs)
         targets = ctx.targets.T  # (B, R)
-        clean = ctx.logits.float().softmax(-1).gather(1, targets)  # (B, R)
-        occluded = torch.empty(batch * positions, targets.shape[1], device=inputs.device)
+        measure = self._measure(ctx)
+        with torch.inference_mode():
+            if self.target == "class":  # the clean forward is the engine's
+                clean = ctx.logits.float().softmax(-1).gather(1, targets)  # (B, R)
+            else:
+                clean = measure(inputs, torch.arange(batch, device=inputs.device))  # (B, 1)
+        occluded = torch.empty(batch * positions, clean.shape[1], device=inputs.device, dtype=clean.dtype)
         with torch.inference_mode():
             for chunk in torch.arange(batch * positions, device=inputs.device).split(ctx.chunk_size):
                 b, p = chunk // positions, chunk % positions
                 hidden = masks[p].unsqueeze(1)
-                probs = ctx.forward(torch.where(hidden, base[b], inputs[b])).float().softmax(-1)
-                occluded[chunk] = probs.gather(1, targets[b])
+                occluded[chunk] = measure(torch.where(hidden, base[b], inputs[b]), b)
+        if self.categorical:
+            return self._label_map(occluded.view(batch, positions), height, width, patch, targets.shape[1])
         drop = clean[:, None, :] - occluded.view(batch, positions, -1)  # (B, P, R)
         covered = masks.flatten(1).float()  # (P, H*W)
         total = torch.einsum("bpr,pn->rbn", drop, covered)
-        return (total / covered.sum(0)).view(-1, batch, height, width)
+        return (total / covered.sum(0)).view(-1, batch, height, width).expand(targets.shape[1], -1, -1, -1)
+
+    def _measure(self, ctx: ModelContext):  # noqa: ANN202 - a closure over the clean batch
+        """score(inputs (N, 3, H, W), sample (N,)) -> (N, R) or (N, 1): what the occluder changes."""
+        import torch
+
+        targets = ctx.targets.T  # (B, R)
+        if self.target == "class":
+            return lambda x, b: ctx.forward(x).float().softmax(-1).gather(1, targets[b])
+        if self.target == "winner":
+            return lambda x, b: ctx.forward(x).argmax(-1, keepdim=True)
+        if ctx.layer_forward is None:
+            raise UsageError("--occlusion-target feature needs a layer (--layer)")
+        with torch.inference_mode():
+            acts = ctx.layer_forward(ctx.inputs).float()  # (B, C, h, w)
+        strongest = acts.flatten(2).amax(2).argmax(1)  # (B,): the channel with the largest activation
+        self.strongest = strongest
+
+        def feature_total(x: Tensor, b: Tensor) -> Tensor:
+            occluded = ctx.layer_forward(x).float()
+            return occluded[torch.arange(len(b), device=b.device), strongest[b]].sum((1, 2))[:, None]
+
+        return feature_total
+
+    def _label_map(self, winners: Tensor, height: int, width: int, patch: int, ranks: int) -> Tensor:
+        """(B, P) winning class per position -> (R, B, H, W) class index of the position whose
+        patch centre is nearest to each pixel (per axis), as floats."""
+        import torch
+
+        device = winners.device
+        ys = patch_starts(height, patch, self.stride, device) + (patch - 1) / 2
+        xs = patch_starts(width, patch, self.stride, device) + (patch - 1) / 2
+        row = (torch.arange(height, device=device)[:, None] - ys[None]).abs().argmin(1)  # (H,)
+        col = (torch.arange(width, device=device)[:, None] - xs[None]).abs().argmin(1)  # (W,)
+        grid = winners.view(-1, len(ys), len(xs))
+        labels = grid[:, row][:, :, col].float()  # (B, H, W)
+        return labels.unsqueeze(0).expand(ranks, -1, -1, -1)
