@@ -9,37 +9,46 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from camcli import __version__, commands
-from camcli.boxes import load_boxes
-from camcli.engine import Explainer, parse_target, resolve_device
-from camcli.errors import CamcliError, ExitCode, UsageError
-from camcli.evaluate import summarise, table, write_summary
-from camcli.filters import AscentOptions, filter_grid, kernel_grid
+from camcli import __version__
+from camcli.choices import SUBSTRATES
+from camcli.errors import CamcliError, ExitCode, Interrupted, OptionError, UsageError
+from camcli.filters import AscentOptions
 from camcli.io import (
     DEFAULT_MAX_PIXELS,
     OVERLAY_FORMATS,
+    allow_large_images,
     atomic_write,
     check_writable,
-    collect_inputs,
-    encode_image,
     json_text,
+    no_images_message,
+    stream_inputs,
 )
 from camcli.methods import list_methods, parse_methods
-from camcli.metrics import SUBSTRATES, MetricOptions
-from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
-from camcli.pipeline import ExplainRun, RunOptions
+from camcli.models.spec import DEFAULT_MODEL
 from camcli.render import COLORMAPS
-from camcli.report import write_report
-from camcli.schema import schema_text
-from camcli.summary import SummaryTable
+
+if TYPE_CHECKING:
+    from camcli.models import InputSpec
+    from camcli.pipeline import ExplainRun
+
+# Start-up stays instant (`--help`, completion, `camcli methods`): this module imports
+# nothing that loads torch, torchvision or cv2. Each command imports what it runs inside
+# its body (tests/test_startup.py fails otherwise); a new command does the same.
 
 stderr = Console(stderr=True, highlight=False)
+
+# The CLI words an OptionError with its flags; these keywords are spelled differently.
+_FLAGS = {"fill": "--occlusion-fill"}
+
+
+def _flag(option: str) -> str:
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
 
 # click's UsageError as raised by the click typer runs on (recent typer vendors its own copy)
 _CLICK_USAGE_ERROR: type[Exception] = typer.BadParameter.__base__
@@ -246,6 +255,7 @@ _METHOD_OPTIONS = ("samples", "noise", "patch", "stride", "occlusion_fill", "til
 
 
 def _explain(**opts: Any) -> int:
+    allow_large_images()  # the CLI's process: --max-pixels is camcli's own check
     if opts["colormap"] not in COLORMAPS:
         raise UsageError(f"unknown colormap {opts['colormap']!r}; use one of {', '.join(COLORMAPS)}")
     if opts["overlay_format"] not in OVERLAY_FORMATS:
@@ -254,52 +264,35 @@ def _explain(**opts: Any) -> int:
         raise UsageError("--target and --topk exclude each other")
     methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
-    device = resolve_device(opts["device"])
-    stdin = sys.stdin if "-" in opts["inputs"] else None
-    items = collect_inputs(
+    streamed = "-" in opts["inputs"]
+    items: Any = stream_inputs(
         opts["inputs"],
-        stdin,
+        sys.stdin if streamed else None,
         opts["include"] or (),
         opts["exclude"] or (),
         warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
     )
-    if not opts["dry_run"]:
-        check_writable(opts["out"])
-    loaded = load_model(
-        opts["model"],
-        opts["weights"],
-        input_size=opts["input_size"],
-        mean=_floats(opts["mean"], "--mean"),
-        std=_floats(opts["std"], "--std"),
-        labels=opts["labels"],
-    )
-    loaded.model.to(device)
-    methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
-    names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
-    layers = [resolve_layer(loaded.model, name, loaded.input, device) for name in names or ["auto"]]
-    layer = layers[0]
-    check_labels(loaded, layer.num_classes)
-    target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
-    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"])
-    if not items:
-        stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
-        return ExitCode.IMAGE_FAILED
-    if box_index is not None and not any(box_index.lookup(item) for item in items):
-        stderr.print(
-            f"camcli: warning: {box_index.source} has boxes for none of the {len(items)} images",
-            markup=False,
-            soft_wrap=True,
-        )
+    if not streamed:  # a stream is explained as it comes; a list is checked first
+        items = list(items)
+        if not items:
+            raise UsageError(no_images_message(opts["inputs"]))
+    mean, std = _floats(opts["mean"], "--mean"), _floats(opts["std"], "--std")
+    asked = {
+        "model": opts["model"],
+        "weights": opts["weights"],
+        "layer": opts["layer"],
+        "input_size": opts["input_size"],
+        "mean": mean,
+        "std": std,
+        "labels": None if opts["labels"] is None else str(opts["labels"]),
+    }
     request = {
-        "model": loaded.name,
-        "weights": loaded.weights,
-        "layer": explainer.layer_name,
         "methods": [m.name for m in methods],
         "target": opts["target"] or "top1",
         "topk": opts["topk"] or 1,
-        "input": loaded.input.to_json(),
         "heatmap": opts["save_heatmap"],
         "overlay_format": opts["overlay_format"],
+        "asked": json.loads(json.dumps(asked)),  # as a JSON file gives it back (tuples as lists)
     }
     if metric_options is not None:
         request["metrics"] = {
@@ -312,6 +305,42 @@ def _explain(**opts: Any) -> int:
     method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}
     if method_options:  # a changed --samples or --scorecam-top redoes the images
         request["method_options"] = method_options
+    if not streamed and not opts["overwrite"] and not opts.get("grid_only") and not opts["dry_run"]:
+        finished = _all_finished(items, opts["out"], request)
+        if finished is not None:  # nothing to do: the model is not even loaded
+            return _report_finished(items, finished, opts)
+    _check_target_early(opts, box_index)
+    device = _device(opts["device"])
+    from camcli.engine import Explainer, parse_target
+    from camcli.models import check_labels, load_model, resolve_layer
+    from camcli.pipeline import ExplainRun, RunOptions
+
+    loaded = load_model(
+        opts["model"], opts["weights"], input_size=opts["input_size"], mean=mean, std=std, labels=opts["labels"]
+    )
+    loaded.model.to(device)
+    methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
+    names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
+    layers = [resolve_layer(loaded.model, name, loaded.input, device) for name in names or ["auto"]]
+    layer = layers[0]
+    check_labels(loaded, layer.num_classes)
+    target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
+    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"])
+    if not opts["dry_run"]:  # only now: a usage error above leaves no empty folder behind
+        check_writable(opts["out"])
+    if box_index is not None and not streamed and not any(box_index.lookup(item) for item in items):
+        stderr.print(
+            f"camcli: warning: {box_index.source} has boxes for none of the {len(items)} images",
+            markup=False,
+            soft_wrap=True,
+        )
+    request = {
+        "model": loaded.name,
+        "weights": loaded.weights,
+        "layer": explainer.layer_name,
+        "input": loaded.input.to_json(),
+        **request,
+    }
     options = RunOptions(
         out_dir=opts["out"],
         batch_size=opts["batch_size"],
@@ -331,7 +360,75 @@ def _explain(**opts: Any) -> int:
     run = ExplainRun(loaded, explainer, target, device, options, request)
     if opts["dry_run"]:
         return _dry_run(run, items, opts["out"])
-    summary_table = SummaryTable(items, opts["out"]) if opts["summary_csv"] else None
+    return _run(run, items, opts)
+
+
+def _device(name: str) -> Any:
+    from camcli.engine import resolve_device
+
+    return resolve_device(name)
+
+
+def _check_target_early(opts: dict[str, Any], box_index: Any) -> None:
+    """A class name `--target` checked against the class list before loading, where the
+    model's source knows it from metadata (zoo models) or `--labels` gives it."""
+    target = opts["target"]
+    if target is None or target.lower() == "top1" or target.lstrip("-").isdigit():
+        return
+    from camcli.models.spec import read_labels
+    from camcli.models.zoo import known_categories
+
+    categories = (
+        read_labels(opts["labels"]) if opts["labels"] is not None else known_categories(opts["model"], opts["weights"])
+    )
+    if categories is not None:  # else: checked once the model is loaded, still before --out is made
+        from camcli.engine import parse_target
+
+        parse_target(target, None, categories, len(categories))
+
+
+def _all_finished(items: list[Any], out: Path, request: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every image's earlier record if an earlier run finished all of them as asked, else None."""
+    from camcli.pipeline import prior_result
+
+    records = []
+    for item in items:
+        prior = prior_result(out, item, request, loaded=False)
+        if not prior.finished:
+            return None
+        records.append(prior.record)
+    return records
+
+
+def _report_finished(items: list[Any], records: list[dict[str, Any]], opts: dict[str, Any]) -> int:
+    from camcli.summary import SummaryTable
+
+    for record in records:
+        if opts.get("records") is not None:
+            opts["records"].append(record)
+        if opts["jsonl"]:
+            sys.stdout.write(json_text(record) + "\n")
+    sys.stdout.flush()
+    if opts["summary_csv"]:
+        table = SummaryTable(items, opts["out"])
+        for record in records:
+            table.add(record)
+        atomic_write(opts["summary_csv"], table.to_csv())
+    if not opts["quiet"]:
+        stderr.print(
+            f"camcli: 0 explained, {len(records)} already done, 0 failed -> {opts['out']}", markup=False, soft_wrap=True
+        )
+    report_ok = _write_report(opts["out"], None, opts["quiet"]) if opts["report"] else True
+    return ExitCode.OK if report_ok else ExitCode.IMAGE_FAILED
+
+
+def _run(run: ExplainRun, items: Any, opts: dict[str, Any]) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from camcli.summary import SummaryTable
+
+    listed = items if isinstance(items, list) else []  # a stream's outputs are named relative to --out
+    summary_table = SummaryTable(listed, opts["out"]) if opts["summary_csv"] else None
 
     def emit(record: dict[str, Any]) -> None:
         if opts.get("records") is not None:  # `camcli evaluate` averages them
@@ -354,7 +451,7 @@ def _explain(**opts: Any) -> int:
         console=stderr,
         disable=not show_progress,
     ) as progress:
-        task = progress.add_task("explaining", total=len(items))
+        task = progress.add_task("explaining", total=len(items) if isinstance(items, list) else None)
         summary = run.run(items, emit, report_error, lambda n: progress.advance(task, n))
     if summary_table is not None:
         try:
@@ -362,10 +459,19 @@ def _explain(**opts: Any) -> int:
         except OSError as exc:
             report_error(f"{opts['summary_csv']}: cannot write the summary: {exc.strerror or exc}")
             return ExitCode.IMAGE_FAILED
+    if summary.disk_full:
+        stderr.print(
+            f"camcli: stopped: the disk is full; {summary.seen} of the images seen were handled, nothing is left "
+            "half-written; free some space and run the same command again to resume",
+            markup=False,
+            soft_wrap=True,
+        )
+        return ExitCode.IMAGE_FAILED
     if not opts["quiet"] or summary.interrupted:
         stopped = ""
         if summary.interrupted:
-            stopped = f"interrupted, {len(items) - summary.done - summary.skipped - summary.failed} not started; "
+            left = f"{len(items) - summary.seen} not started" if isinstance(items, list) else "the rest not started"
+            stopped = f"interrupted, {left}; "
         stderr.print(
             f"camcli: {stopped}{summary.done} explained, {summary.skipped} already done, "
             f"{summary.failed} failed -> {opts['out']}",
@@ -399,6 +505,10 @@ def report(
 
 def _write_report(out: Path, labels_expected: Path | None, quiet: bool) -> bool:
     """Write the report with a progress bar over the thumbnails; False if a file was unusable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from camcli.report import write_report
+
     show_progress = stderr.is_terminal and not quiet and not os.environ.get("CI")
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -426,15 +536,18 @@ def _write_report(out: Path, labels_expected: Path | None, quiet: bool) -> bool:
     return not summary.problems
 
 
-def _metric_options(opts: dict[str, Any]) -> tuple[MetricOptions | None, Any]:
-    """--metrics, --boxes (implies --metrics), --steps, --substrate."""
+def _metric_options(opts: dict[str, Any]) -> tuple[Any, Any]:
+    """--metrics, --boxes (implies --metrics), --steps, --substrate: (MetricOptions, BoxIndex) or Nones."""
     if opts["substrate"] not in SUBSTRATES:
         raise UsageError(f"unknown substrate {opts['substrate']!r}; use one of {', '.join(SUBSTRATES)}")
     if opts["boxes"] is not None and opts["topk"] is not None:
         raise UsageError("--boxes and --topk exclude each other: a box names one target per image")
-    box_index = load_boxes(opts["boxes"]) if opts["boxes"] is not None else None
-    if not opts["metrics"] and box_index is None:
+    if not opts["metrics"] and opts["boxes"] is None:
         return None, None
+    from camcli.boxes import load_boxes
+    from camcli.metrics import MetricOptions
+
+    box_index = load_boxes(opts["boxes"]) if opts["boxes"] is not None else None
     return MetricOptions(steps=opts["steps"], substrate=opts["substrate"], chunk_size=opts["chunk_size"]), box_index
 
 
@@ -476,6 +589,8 @@ def evaluate(
     opts.update({k: v for k, v in given.items() if k != "folder"})
     opts.update(inputs=given["folder"], metrics=True, records=[])
     with _one_line_errors(debug):
+        from camcli.evaluate import summarise, table, write_summary
+
         code = _explain(**opts)
         summaries = summarise(opts["records"], [m.name for m in parse_methods(method)])
         csv_path, json_path = write_summary(out, summaries, opts["records"][0]["request"] if opts["records"] else {})
@@ -497,9 +612,10 @@ def _one_line_errors(debug: bool = False) -> Iterator[None]:
     except CamcliError as exc:
         if debug:
             raise
-        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
+        message = exc.worded(_flag) if isinstance(exc, OptionError) else str(exc)
+        stderr.print(f"camcli: error: {message}", markup=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         stderr.print("camcli: interrupted", markup=False)
         raise typer.Exit(ExitCode.INTERRUPTED) from None
 
@@ -549,6 +665,8 @@ def compare(
 @app.command()
 def methods(json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False) -> None:
     """Every method: name, paper, what it needs from the model, relative cost."""
+    from camcli import commands
+
     rows = commands.method_rows()
     if json_out:
         _print_json(rows)
@@ -562,6 +680,8 @@ def models(
     json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
 ) -> None:
     """Models --model accepts: the embedded default, torchvision's, timm's (when installed)."""
+    from camcli import commands
+
     entries = commands.model_entries(pattern)
     if json_out:
         _print_json(commands.models_json(entries))
@@ -589,8 +709,11 @@ def layers(
 ) -> None:
     """The model's modules with output shapes (one dry forward); the layer --layer auto picks is marked."""
     with _one_line_errors(debug):
+        from camcli import commands
+        from camcli.models import load_model
+
         loaded = load_model(model, weights, input_size=input_size)
-        torch_device = resolve_device(device)
+        torch_device = _device(device)
         loaded.model.to(torch_device)
         rows, auto, logits = commands.layer_rows(loaded.model, loaded.input, torch_device)
     if json_out:
@@ -602,12 +725,16 @@ def layers(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the per-image JSON files."""
+    from camcli.schema import schema_text
+
     typer.echo(schema_text(), nl=False)
 
 
 @app.command()
 def version(json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False) -> None:
     """Versions of camcli, torch, torchvision, OpenCV, timm and the devices camcli can use."""
+    from camcli import commands
+
     info = commands.version_info()
     if json_out:
         _print_json(info)
@@ -652,9 +779,13 @@ def _filters(
 ) -> list[Path]:
     if layer is None and not kernels:
         raise UsageError("name a layer with --layer, or ask for --kernels")
-    device = resolve_device(device_name)
-    check_writable(out)
+    from camcli.filters import filter_grid, kernel_grid
+    from camcli.io import encode_image
+    from camcli.models import load_model, resolve_layer
+
+    device = _device(device_name)
     loaded = load_model(model, weights)
+    check_writable(out)  # after loading: a bad model name leaves no folder behind
     loaded.model.to(device)
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in loaded.name)
     pictures = {}
@@ -681,5 +812,7 @@ def _dry_run(run: ExplainRun, items: list[Any], out: Path) -> int:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (kept for installs made before `camcli.entry`)."""
+    from camcli.entry import main as entry
+
+    entry()

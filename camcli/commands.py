@@ -12,24 +12,16 @@ import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-import torch
-from torch import nn
 
 from camcli import __version__
 from camcli.methods import method_classes
-from camcli.models import (
-    DEFAULT_MODEL,
-    TIMM_PREFIX,
-    InputSpec,
-    resolve_layer,
-    timm_cached_weights,
-    trace_forward,
-)
-from camcli.models.sources.timm import timm_available
-from camcli.models.sources.torchvision import _UNSUPPORTED, torchvision_model_names
+from camcli.models.spec import DEFAULT_MODEL, TIMM_PREFIX, InputSpec
+
+if TYPE_CHECKING:  # torch and the model sources load inside the commands that need them
+    import torch
+    from torch import nn
 
 # --- methods ----------------------------------------------------------------------------------
 
@@ -81,6 +73,8 @@ class ModelEntry:
 
 
 def _checkpoint_cached(url: str) -> bool:
+    import torch
+
     return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)).is_file()
 
 
@@ -88,6 +82,10 @@ def model_entries(pattern: str | None = None) -> list[ModelEntry]:
     """The models `--model` accepts, filtered by a glob on the name (like torchvision's
     `list_models(include=...)`); cache status is read from disk, nothing is downloaded."""
     import torchvision
+
+    from camcli.models import timm_cached_weights
+    from camcli.models.sources.timm import timm_available
+    from camcli.models.sources.torchvision import _UNSUPPORTED, torchvision_model_names
 
     def wanted(name: str, prefix: str = "") -> bool:
         return pattern is None or fnmatch.fnmatch(name, pattern) or (prefix and fnmatch.fnmatch(prefix + name, pattern))
@@ -127,6 +125,8 @@ def model_entries(pattern: str | None = None) -> list[ModelEntry]:
 
 
 def format_models(entries: list[ModelEntry]) -> str:
+    from camcli.models.sources.timm import timm_available
+
     rows = []
     for entry in entries:
         names = [w["name"] + ("*" if w["default"] and len(entry.weights) > 1 else "") for w in entry.weights]
@@ -165,6 +165,8 @@ def layer_rows(model: nn.Module, spec: InputSpec, device: torch.device) -> tuple
 
     The same trace feeds `resolve_layer`, so the marked layer is the one `explain` uses.
     """
+    from camcli.models import resolve_layer, trace_forward
+
     trace = trace_forward(model, spec, device)
     auto = resolve_layer(model, "auto", spec, device, trace=trace).name
     shapes: dict[str, list[int]] = {}
@@ -205,7 +207,10 @@ def _shape(shape: list[int]) -> str:
 def version_info() -> dict[str, Any]:
     """Versions of what camcli runs on, and the devices `--device auto` could use."""
     import cv2
+    import torch
     import torchvision
+
+    from camcli.models.sources.timm import timm_available
 
     info: dict[str, Any] = {
         "camcli": __version__,

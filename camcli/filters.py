@@ -19,16 +19,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-from torchvision.transforms.functional import gaussian_blur
-
-from camcli.engine import frozen
 from camcli.errors import UsageError
-from camcli.models import InputSpec, LayerInfo
 from camcli.render import tile_grid
+
+if TYPE_CHECKING:  # torch is imported by the functions that compute: `camcli --help` reads AscentOptions
+    import numpy as np
+    from torch import Tensor, nn
+
+    from camcli.models import InputSpec, LayerInfo
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class _Reached(Exception):
 
 @contextmanager
 def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
+    from torch import Tensor
+
     store: dict[str, Tensor] = {}
 
     def hook(_: nn.Module, __: object, output: object) -> None:
@@ -86,6 +88,11 @@ def maximise_channels(
     options: AscentOptions = AscentOptions(),  # noqa: B008 - frozen dataclass
 ) -> Tensor:
     """(N, 3, S, S) images in [0, 1], image i maximising the mean of `channels[i]`."""
+    import torch
+    from torchvision.transforms.functional import gaussian_blur
+
+    from camcli.engine import frozen
+
     modules = dict(model.named_modules())
     if layer not in modules:
         raise UsageError(f"no layer named {layer!r} in the model (`camcli layers` lists them)")
@@ -119,6 +126,8 @@ def maximise_channels(
 
 def first_conv_kernels(model: nn.Module) -> Tensor:
     """(C, 3, k, k) weights of the first convolution that reads the RGB input."""
+    from torch import nn
+
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
             return module.weight.detach()
@@ -128,6 +137,8 @@ def first_conv_kernels(model: nn.Module) -> Tensor:
 def stretch(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
     """Per image contrast stretch between two quantiles, to [0, 1]: the optimised
     patterns (and kernels) use a small range, and each tile is read on its own."""
+    import torch
+
     flat = images.flatten(1).float()
     q = torch.quantile(flat, torch.tensor([low, high], device=flat.device), dim=1)  # (2, N)
     lo, hi = q[0][:, None], q[1][:, None]
@@ -136,11 +147,15 @@ def stretch(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
 
 def _rgb(images: Tensor) -> np.ndarray:
     """(N, 3, h, w) in [0, 1] -> (N, h, w, 3) uint8, converted once for the writer."""
+    import torch
+
     return images.permute(0, 2, 3, 1).mul(255.0).round().to(torch.uint8).cpu().numpy()
 
 
 def filter_grid(model: nn.Module, layer: LayerInfo, spec: InputSpec, count: int, options: AscentOptions) -> np.ndarray:
     """The grid PNG of `camcli filters --layer`: channels 0..count-1, row by row."""
+    import torch
+
     channels = torch.arange(min(count, layer.channels))
     return tile_grid(_rgb(stretch(maximise_channels(model, layer.name, channels, spec, options))))
 

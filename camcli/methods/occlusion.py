@@ -16,17 +16,21 @@ without autograd; every target rank reads the same forwards.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-from torchvision.transforms.functional import gaussian_blur
+from typing import TYPE_CHECKING
 
-from camcli.errors import UsageError
+from camcli.errors import OptionError
 from camcli.methods import register
 from camcli.methods.base import ModelContext, PerturbationMethod
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 
 def patch_starts(size: int, patch: int, stride: int, device: torch.device) -> Tensor:
     """Start offsets along one axis: every `stride`, plus the last one flush with the border."""
+    import torch
+
     last = size - patch
     starts = list(range(0, last + 1, stride))
     if starts[-1] != last:
@@ -36,6 +40,8 @@ def patch_starts(size: int, patch: int, stride: int, device: torch.device) -> Te
 
 def patch_masks(height: int, width: int, patch: int, stride: int, device: torch.device) -> Tensor:
     """(P, H, W) bool: one mask per patch position, rows first."""
+    import torch
+
     ys = patch_starts(height, patch, stride, device)
     xs = patch_starts(width, patch, stride, device)
     rows = torch.arange(height, device=device)
@@ -61,20 +67,30 @@ class Occlusion(PerturbationMethod):
     ) -> None:
         stride = max(1, patch // 2) if stride is None else stride  # default: patches overlap by half
         if patch < 1 or stride < 1:
-            raise UsageError(f"--patch and --stride must be at least 1, not {patch} and {stride}")
+            raise OptionError(
+                f"{{patch}} and {{stride}} must be at least 1, not {patch} and {stride}", "patch", "stride"
+            )
         if stride > patch:
-            raise UsageError(f"--stride {stride} is larger than --patch {patch}: some pixels would never be occluded")
+            raise OptionError(
+                f"{{stride}} {stride} is larger than {{patch}} {patch}: some pixels would never be occluded",
+                "stride",
+                "patch",
+            )
         if isinstance(fill, str) and fill not in ("mean", "blur"):
-            raise UsageError(f"--occlusion-fill must be mean, blur or R,G,B, not {fill!r}")
+            raise OptionError(f"{{fill}} must be mean, blur or R,G,B, not {fill!r}", "fill")
         self.patch = patch
         self.stride = stride
         self.fill = fill  # "mean", "blur", or a colour in normalised input units
 
     def baseline(self, inputs: Tensor) -> Tensor:
         """What an occluded pixel is replaced with, (B, 3, H, W)."""
+        import torch
+
         if self.fill == "mean":
             return torch.zeros_like(inputs)
         if self.fill == "blur":  # sigma = patch / 4: the patch's content is gone, its colours stay
+            from torchvision.transforms.functional import gaussian_blur
+
             sigma = max(self.patch / 4, 0.5)
             kernel = min(2 * round(3 * sigma) + 1, 2 * (min(inputs.shape[-2:]) // 2) - 1)
             return gaussian_blur(inputs, [kernel, kernel], [sigma, sigma])
@@ -82,6 +98,8 @@ class Occlusion(PerturbationMethod):
         return colour.view(1, 3, 1, 1).expand_as(inputs)
 
     def attribute(self, ctx: ModelContext) -> Tensor:
+        import torch
+
         inputs = ctx.inputs
         batch, _, height, width = inputs.shape
         patch = min(self.patch, height, width)

@@ -62,7 +62,7 @@ def trace_forward(model: nn.Module, spec: InputSpec, device: torch.device, keep:
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(1, 3, spec.size, spec.size, generator=generator).to(device)
     try:
@@ -72,7 +72,8 @@ def trace_forward(model: nn.Module, spec: InputSpec, device: torch.device, keep:
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, mode in modes:  # each module's own flag: model.train(x) would set them all alike
+            module.training = mode
     if not isinstance(logits, Tensor) or logits.ndim != 2:
         raise UsageError("the model must return a (batch, classes) tensor of logits")
     return ForwardTrace(calls, linears, logits, kept[0] if kept else None)
