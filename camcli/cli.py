@@ -389,7 +389,7 @@ def _check_target_early(opts: dict[str, Any], box_index: Any) -> None:
 
 def _all_finished(items: list[Any], out: Path, request: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Every image's earlier record if an earlier run finished all of them as asked, else None."""
-    from camcli.pipeline import prior_result
+    from camcli.resume import prior_result
 
     records = []
     for item in items:

@@ -36,11 +36,11 @@ from camcli.io import (
     encode_image,
     json_bytes,
     npy_bytes,
-    read_json,
     remove_stale_temps,
 )
 from camcli.models import InputSpec, LoadedModel
 from camcli.render import colorize, comparison_grid, gradient_image, heatmap_at_size, overlay, tile_grid
+from camcli.resume import Prior, output_files, prior_result
 
 if TYPE_CHECKING:
     from camcli.metrics import MetricOptions
@@ -50,10 +50,6 @@ SCHEMA_VERSION = 1
 # A batch read from a stream (paths on stdin) starts once it is full or this long after
 # its first path arrived, so a slow producer's first image is explained at once.
 STREAM_WAIT_S = 0.25
-
-# Request keys known only once the model is loaded; "asked" records the options as given,
-# so a re-run can tell before loading whether anything is left to do.
-_RESOLVED_KEYS = frozenset({"model", "weights", "layer", "input"})
 
 
 @dataclass(frozen=True)
@@ -92,55 +88,6 @@ class RunSummary:
     @property
     def seen(self) -> int:
         return self.done + self.skipped + self.failed
-
-
-@dataclass(frozen=True)
-class Prior:
-    """What an earlier run left for one image."""
-
-    record: dict[str, Any] | None  # its JSON, whatever it holds (its files are removed if replaced)
-    reusable: bool  # same request (methods aside), no error, every file it names is there
-    missing: tuple[str, ...]  # requested methods it lacks (all of them when not reusable)
-
-    @property
-    def finished(self) -> bool:
-        return self.reusable and not self.missing
-
-
-def prior_result(out_dir: Path, item: InputItem, request: dict[str, Any], loaded: bool = True) -> Prior:
-    """The earlier run's record of `item` in `out_dir` and which requested methods it lacks.
-
-    Before the model is loaded (`loaded=False`) the options as given (``request["asked"]``)
-    stand in for what loading resolves (model, weights, layer, input recipe).
-    """
-    methods = tuple(request["methods"])
-    path = out_dir / f"{item.key}.json"
-    record = read_json(path)
-    if record is None or record.get("error") is not None or not isinstance(record.get("request"), dict):
-        return Prior(record, False, methods)
-    ignore = {"methods", *_RESOLVED_KEYS} if not loaded else {"methods", "asked"}
-    old = record["request"]
-
-    def key(r: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in r.items() if k not in ignore}
-
-    if key(old) != key(request) or not all((path.parent / name).is_file() for name in output_files(record)):
-        return Prior(record, False, methods)
-    done = set(old.get("methods", ()))
-    missing = tuple(m for m in methods if m not in done)
-    if missing and "grid" in request:  # a grid shows every method: made anew with all of them
-        return Prior(record, False, methods)
-    return Prior(record, True, missing)
-
-
-def output_files(record: dict[str, Any] | None) -> list[str]:
-    """The files (relative to the JSON's folder) a record names."""
-    if record is None:
-        return []
-    explanations = [e for e in record.get("explanations", []) if isinstance(e, dict)]
-    names = [e.get("overlay") for e in explanations] + [e.get("heatmap") for e in explanations]
-    names.append(record.get("grid"))
-    return [n for n in names if isinstance(n, str) and n]
 
 
 @dataclass
@@ -408,12 +355,23 @@ class ExplainRun:
 
         replaced = None if options.grid_only or entry.prior is None else entry.prior.record
 
+        kept = entry.prior.record if entry.prior is not None and entry.prior.reusable else None
+
         def write() -> None:
             folder = json_path.parent
             # files of an earlier result that this one no longer names go first: a crash
             # later leaves the old JSON naming a missing file (redone), never an orphan
             for name in sorted(set(output_files(replaced)) - set(output_files(record))):
                 (folder / name).unlink(missing_ok=True)
+            try:
+                write_files(folder)
+            except BaseException:  # a full disk: no file of this image that no JSON names
+                if not options.grid_only:
+                    for name in set(output_files(record)) - set(output_files(kept)):
+                        (folder / name).unlink(missing_ok=True)
+                raise
+
+        def write_files(folder: Path) -> None:
             if arrays is not None:
                 assert entry.image is not None
                 height, width = entry.image.shape[:2]
