@@ -133,7 +133,8 @@ def explain(
         ),
     ] = "gradcam",
     model: Annotated[
-        str, typer.Option("--model", help="efficientnet_lite0, a torchvision name, or package.module:factory.")
+        str,
+        typer.Option("--model", help="efficientnet_lite0, a torchvision name, timm:NAME, or package.module:factory."),
     ] = DEFAULT_MODEL,
     weights: Annotated[
         str | None, typer.Option("--weights", help="DEFAULT, an enum member (IMAGENET1K_V1), none, or a .pth.")
