@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,12 +59,40 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
     """Click's own usage errors (a bad option value, an unknown option) as one line and
     exit 2, like camcli's, instead of a usage block and a box."""
 
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_metavars(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_metavars(self, ctx)
+        super().format_help(ctx, formatter)
+
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except _CLICK_USAGE_ERROR as exc:
             stderr.print(f"camcli: error: {exc.format_message()}", markup=False, soft_wrap=True)
             raise typer.Exit(ExitCode.USAGE) from None
+
+
+def _plain_metavars(command: Any, ctx: Any = None) -> None:
+    """Help shows no Python types (typer 0.29 prints `<bool>`, `<list[str]>`, `{inputs}`):
+    flags take no value, list options show their name (INCLUDE), and arguments show
+    their name as click does (INPUTS...), with no type column."""
+    params = list(command.params)
+    if ctx is not None and command.get_help_option(ctx) is not None:
+        params.append(command.get_help_option(ctx))
+    for param in params:
+        if param.param_type_name == "argument":
+            name = param.name.upper() + ("..." if param.nargs != 1 else "")
+            param._usage_display_name = lambda name=name: name  # instance attributes: this CLI's own objects
+            param.display_type_rich = lambda ctx: None
+        elif param.metavar is None and getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.metavar is None and param.multiple:
+            param.metavar = param.name.upper()
 
 
 app = typer.Typer(
@@ -679,6 +708,7 @@ def methods(json_out: Annotated[bool, typer.Option("--json", help="JSON for mach
 def models(
     pattern: Annotated[str | None, typer.Argument(help="Glob on the name, e.g. 'resnet*' or 'timm:convnext*'.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Never cut long lines to the terminal's width.")] = False,
 ) -> None:
     """Models --model accepts: the embedded default, torchvision's, timm's (when installed)."""
     from camcli import commands
@@ -690,7 +720,8 @@ def models(
     if not entries:
         stderr.print(f"camcli: no model matches {pattern!r}", markup=False)
         raise typer.Exit(ExitCode.USAGE)
-    typer.echo(commands.format_models(entries))
+    width = None if wide or not sys.stdout.isatty() else shutil.get_terminal_size().columns
+    typer.echo(commands.format_models(entries, width))
 
 
 @app.command()

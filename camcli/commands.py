@@ -124,7 +124,8 @@ def model_entries(pattern: str | None = None) -> list[ModelEntry]:
     return entries
 
 
-def format_models(entries: list[ModelEntry]) -> str:
+def format_models(entries: list[ModelEntry], width: int | None = None) -> str:
+    """The table of `camcli models`; with `width` (a terminal's), long weight lists are cut to fit."""
     from camcli.models.sources.timm import timm_available
 
     rows = []
@@ -140,7 +141,9 @@ def format_models(entries: list[ModelEntry]) -> str:
     )
     if not timm_available():
         footer += "\ntimm models are listed when timm is installed (pip install 'camcli[timm]')."
-    return _table(("model", "source", "weights", "cached", ""), rows) + footer
+    if width is not None:
+        footer += "\n~ = cut to fit the terminal: --wide or --json shows every weight."
+    return _table(("model", "source", "weights", "cached", ""), rows, width, shrink=(2, 3, 4)) + footer
 
 
 def models_json(entries: list[ModelEntry]) -> list[dict[str, Any]]:
@@ -258,7 +261,21 @@ def format_version(info: dict[str, Any]) -> str:
 # --- shared -----------------------------------------------------------------------------------
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(
+    header: tuple[str, ...], rows: list[tuple[str, ...]], width: int | None = None, shrink: tuple[int, ...] = ()
+) -> str:
+    """Left-aligned columns; with `width`, the `shrink` columns are cut (ending in '~')
+    until each line fits, widest first."""
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
-    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    while width is not None and shrink and sum(widths) + 2 * (len(widths) - 1) > width:
+        widest = max(shrink, key=lambda i: widths[i])
+        if widths[widest] <= max(len(header[widest]), 8):
+            break
+        widths[widest] -= 1
+
+    def cell(value: str, w: int) -> str:
+        value = str(value)
+        return f"{value[: w - 1]}~" if len(value) > w else f"{value:<{w}}"
+
+    lines = ["  ".join(cell(c, w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)

@@ -294,51 +294,24 @@ class ExplainRun:
         return prior_result(self.options.out_dir, item, self.request).finished
 
     def _record(self, entry: _Decoded, arrays: dict[str, Any] | None, i: int) -> dict[str, Any]:
-        loaded = self.loaded
-        record: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "image": str(entry.item.path),
-            "width": None,
-            "height": None,
-            "model": loaded.name,
-            "weights": loaded.weights,
-            "input": loaded.input.to_json(),
-            "device": str(self.device),
-            "versions": {"camcli": __version__, "torch": torch.__version__, "torchvision": _torchvision_version()},
-            "predictions": [],
-            "explanations": [],
-            "error": entry.error,
-            "request": self.request,
-        }
+        options = self.options
+        record = image_record(
+            self.loaded,
+            self.device,
+            self.request,
+            str(entry.item.path),
+            Path(entry.item.key).name,
+            arrays,
+            i,
+            shape=None if entry.image is None else entry.image.shape[:2],
+            error=entry.error,
+            topk=self.target.topk > 1,
+            overlay_format=options.overlay_format,
+            save_heatmap=options.save_heatmap,
+            grid=options.grid,
+        )
         if arrays is None:
             return record
-        assert entry.image is not None
-        record["height"], record["width"] = (int(v) for v in entry.image.shape[:2])
-        record["predictions"] = [
-            {"index": int(c), "label": loaded.label(int(c)), "score": float(s)}
-            for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
-        ]
-        name = Path(entry.item.key).name
-        topk = self.target.topk > 1
-        for e in arrays["explanations"]:
-            index = int(e["targets"][i])
-            stem = f"{name}.{e['method']}" + (f".c{index}" if topk else "")
-            record["explanations"].append(
-                {
-                    "method": e["method"],
-                    "layer": e["layer"],
-                    "target": {"index": index, "label": loaded.label(index), "score": float(e["scores"][i])},
-                    "overlay": f"{stem}.{self.options.overlay_format}",
-                    "heatmap": f"{stem}.npy" if self.options.save_heatmap else None,
-                    "warning": "flat map" if e["flat"][i] else None,
-                }
-            )
-            if e["metrics"] is not None:
-                record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
-            if e["channels"] is not None:
-                record["explanations"][-1]["channels"] = [int(c) for c in e["channels"][i]]
-        if self.options.grid:
-            record["grid"] = f"{name}.grid.png"
         prior = entry.prior
         if prior is not None and prior.reusable and prior.record is not None:  # add to the earlier results
             kept = prior.record["request"].get("methods", [])
@@ -583,3 +556,67 @@ def _metrics_json(metrics: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def image_record(
+    loaded: LoadedModel,
+    device: torch.device | str,
+    request: dict[str, Any],
+    image: str,
+    name: str,
+    arrays: dict[str, Any] | None,
+    i: int,
+    *,
+    shape: tuple[int, ...] | None = None,
+    error: str | None = None,
+    topk: bool = False,
+    overlay_format: str = "png",
+    save_heatmap: bool = False,
+    grid: bool = False,
+) -> dict[str, Any]:
+    """The per-image JSON record (camcli/schema): image `i` of a batch's `arrays` (None for
+    a failed image), its files named after `name` as the writers name them. The CLI writes
+    it; the API's `ImageResult.to_json` returns it."""
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "image": image,
+        "width": None,
+        "height": None,
+        "model": loaded.name,
+        "weights": loaded.weights,
+        "input": loaded.input.to_json(),
+        "device": str(device),
+        "versions": {"camcli": __version__, "torch": torch.__version__, "torchvision": _torchvision_version()},
+        "predictions": [],
+        "explanations": [],
+        "error": error,
+        "request": request,
+    }
+    if arrays is None:
+        return record
+    assert shape is not None
+    record["height"], record["width"] = (int(v) for v in shape[:2])
+    record["predictions"] = [
+        {"index": int(c), "label": loaded.label(int(c)), "score": float(s)}
+        for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
+    ]
+    for e in arrays["explanations"]:
+        index = int(e["targets"][i])
+        stem = f"{name}.{e['method']}" + (f".c{index}" if topk else "")
+        record["explanations"].append(
+            {
+                "method": e["method"],
+                "layer": e["layer"],
+                "target": {"index": index, "label": loaded.label(index), "score": float(e["scores"][i])},
+                "overlay": f"{stem}.{overlay_format}",
+                "heatmap": f"{stem}.npy" if save_heatmap else None,
+                "warning": "flat map" if e["flat"][i] else None,
+            }
+        )
+        if e["metrics"] is not None:
+            record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
+        if e["channels"] is not None:
+            record["explanations"][-1]["channels"] = [int(c) for c in e["channels"][i]]
+    if grid:
+        record["grid"] = f"{name}.grid.png"
+    return record
