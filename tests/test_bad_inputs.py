@@ -397,8 +397,9 @@ def test_output_dir_that_cannot_be_created_is_exit_2_before_any_work(tmp_path, w
     result = invoke(str(image), "-o", str(out), *TINY)
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        f"camcli: error: cannot write to output folder {out}: "
-        + ("Not a directory" if where == "under_a_file" else "File exists")
+        f"camcli: error: cannot write to output folder {out}: Not a directory"
+        if where == "under_a_file"
+        else f"camcli: error: output folder {out} is a file, not a folder; name a folder with -o/--out"
     ]
     assert blocker.read_bytes() == b"a file, not a folder"
 
