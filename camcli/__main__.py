@@ -1,5 +1,5 @@
 """`python -m camcli` runs the same app as the `camcli` console script."""
 
-from camcli.cli import main
+from camcli.entry import main
 
 main()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,11 @@ import torch
 
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import UsageError
-from camcli.io import decode_image
+from camcli.io import decode_image, encode_image, json_text
 from camcli.methods import list_methods, parse_methods
 from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layer
-from camcli.pipeline import _kept, _to_numpy, choose_score, preprocess
-from camcli.render import heatmap_at_size
+from camcli.pipeline import _kept, _to_numpy, choose_score, image_record, preprocess
+from camcli.render import comparison_grid, gradient_image, heatmap_at_size, overlay
 
 __all__ = ["Explanation", "ImageResult", "Prediction", "explain", "list_methods", "load_model"]
 
@@ -60,6 +60,27 @@ class ImageResult:
     image: np.ndarray  # the RGB uint8 image that was explained
     predictions: list[Prediction]  # top-5, best first
     explanations: list[Explanation]  # method by method, target rank by rank
+    record: dict[str, Any] = field(default_factory=dict, repr=False)  # the CLI's JSON record
+
+    def to_json(self) -> str:
+        """The per-image JSON record `camcli explain` writes for this image (camcli/schema;
+        its file names are those the CLI would give the overlays)."""
+        return json_text(self.record, indent=2)
+
+    def overlays(self, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+        """One RGB picture: the image, then each explanation as the CLI renders it, titled."""
+        cells: list[Any] = [(self.image, "image", f"top-1: {self.predictions[0].label}")]
+        for e in self.explanations:
+            if e.heatmap.ndim == 3:
+                picture = gradient_image(e.heatmap)
+            else:
+                picture = overlay(self.image, e.heatmap, colormap, alpha)
+            cells.append((picture, e.method, f"{e.target.label} {e.target.score:.1%}"))
+        return comparison_grid([cells], min(224, self.image.shape[0]))
+
+    def _repr_png_(self) -> bytes:
+        """Notebooks show the overlays inline."""
+        return encode_image(self.overlays())
 
     def heatmap(self, method: str, target: int | None = None) -> np.ndarray:
         """The map of `method` (for class `target`, by default the first one explained)."""
@@ -105,18 +126,37 @@ def explain(
         None if target is None else str(target), topk, loaded.categories, info.num_classes, threshold
     )
     score = choose_score(score, target_spec.threshold is not None, info.binary)
-    rgb = [_as_rgb(image) for image in _as_list(images)]
+    given = _as_list(images)
+    rgb = [_as_rgb(image) for image in given]
+    request = {
+        "model": loaded.name,
+        "weights": loaded.weights,
+        "layer": explainer.layer_name,
+        "input": loaded.input.to_json(),
+        "methods": [m.name for m in explainer.methods],
+        "target": "top1" if target is None else str(target),
+        "topk": topk or 1,
+        "heatmap": False,
+        "overlay_format": "png",
+    }
     results: list[ImageResult] = []
     for start in range(0, len(rgb), batch_size):
         chunk = rgb[start : start + batch_size]
         batch = torch.stack([preprocess(image, loaded.input) for image in chunk]).to(torch_device)
         arrays = _to_numpy(explainer.explain(batch, target_spec), score=score)
         for i, image in enumerate(chunk):
-            results.append(_result(image, arrays, i, loaded))
+            source = given[start + i]
+            name = str(source) if isinstance(source, (str, os.PathLike)) else f"image{start + i}"
+            record = image_record(
+                loaded, torch_device, request, name, Path(name).name, arrays, i, shape=image.shape, topk=(topk or 1) > 1
+            )
+            results.append(_result(image, arrays, i, loaded, record))
     return results
 
 
-def _result(image: np.ndarray, arrays: dict[str, Any], i: int, loaded: LoadedModel) -> ImageResult:
+def _result(
+    image: np.ndarray, arrays: dict[str, Any], i: int, loaded: LoadedModel, record: dict[str, Any]
+) -> ImageResult:
     height, width = image.shape[:2]
     predictions = [
         Prediction(int(c), loaded.label(int(c)), float(s))
@@ -134,7 +174,7 @@ def _result(image: np.ndarray, arrays: dict[str, Any], i: int, loaded: LoadedMod
                 flat=bool(e["flat"][i]),
             )
         )
-    return ImageResult(image, predictions, explanations)
+    return ImageResult(image, predictions, explanations, record)
 
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[Any]:

@@ -5,45 +5,52 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from camcli import __version__, commands
-from camcli.boxes import load_boxes
-from camcli.channels import ChannelsOptions, ChannelsRun, parse_channels
-from camcli.engine import Explainer, parse_target, resolve_device
-from camcli.errors import CamcliError, ExitCode, UsageError
-from camcli.evaluate import summarise, table, write_summary
-from camcli.filters import AscentOptions, filter_grid, kernel_grid, kernels_report
+from camcli import __version__
+from camcli.choices import SUBSTRATES
+from camcli.errors import CamcliError, ExitCode, Interrupted, OptionError, UsageError
+from camcli.filters import AscentOptions
 from camcli.io import (
     DEFAULT_MAX_PIXELS,
     OVERLAY_FORMATS,
-    InputItem,
+    allow_large_images,
     atomic_write,
     check_writable,
-    collect_inputs,
-    encode_image,
-    json_bytes,
     json_text,
+    no_images_message,
+    stream_inputs,
 )
 from camcli.methods import list_methods, parse_methods
-from camcli.metrics import SUBSTRATES, MetricOptions
-from camcli.models import DEFAULT_MODEL, InputSpec, LoadedModel, check_labels, load_model, resolve_layer
-from camcli.models.outputs import parse_output_key
-from camcli.pipeline import ExplainRun, RunOptions, choose_score
+from camcli.models.spec import DEFAULT_MODEL
 from camcli.render import COLORMAPS
-from camcli.report import write_report
-from camcli.schema import schema_text
-from camcli.summary import SummaryTable
+
+if TYPE_CHECKING:
+    from camcli.io import InputItem
+    from camcli.models import InputSpec, LoadedModel
+    from camcli.pipeline import ExplainRun
+
+# Start-up stays instant (`--help`, completion, `camcli methods`): this module imports
+# nothing that loads torch, torchvision or cv2. Each command imports what it runs inside
+# its body (tests/test_startup.py fails otherwise); a new command does the same.
 
 stderr = Console(stderr=True, highlight=False)
+
+# The CLI words an OptionError with its flags; these keywords are spelled differently.
+_FLAGS = {"fill": "--occlusion-fill"}
+
+
+def _flag(option: str) -> str:
+    return _FLAGS.get(option, "--" + option.replace("_", "-"))
+
 
 # click's UsageError as raised by the click typer runs on (recent typer vendors its own copy)
 _CLICK_USAGE_ERROR: type[Exception] = typer.BadParameter.__base__
@@ -55,6 +62,16 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         return super().parse_args(ctx, _save_heatmap_value(args))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_metavars(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_metavars(self, ctx)
+        super().format_help(ctx, formatter)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -78,6 +95,24 @@ def _save_heatmap_value(args: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+def _plain_metavars(command: Any, ctx: Any = None) -> None:
+    """Help shows no Python types (typer 0.29 prints `<bool>`, `<list[str]>`, `{inputs}`):
+    flags take no value, list options show their name (INCLUDE), and arguments show
+    their name as click does (INPUTS...), with no type column."""
+    params = list(command.params)
+    if ctx is not None and command.get_help_option(ctx) is not None:
+        params.append(command.get_help_option(ctx))
+    for param in params:
+        if param.param_type_name == "argument":
+            name = param.name.upper() + ("..." if param.nargs != 1 else "")
+            param._usage_display_name = lambda name=name: name  # instance attributes: this CLI's own objects
+            param.display_type_rich = lambda ctx: None
+        elif param.metavar is None and getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.metavar is None and param.multiple:
+            param.metavar = param.name.upper()
 
 
 app = typer.Typer(
@@ -149,7 +184,8 @@ def explain(
         ),
     ] = "gradcam",
     model: Annotated[
-        str, typer.Option("--model", help="efficientnet_lite0, a torchvision name, or package.module:factory.")
+        str,
+        typer.Option("--model", help="efficientnet_lite0, a torchvision name, timm:NAME, or package.module:factory."),
     ] = DEFAULT_MODEL,
     weights: Annotated[
         str | None, typer.Option("--weights", help="DEFAULT, an enum member (IMAGENET1K_V1), none, or a .pth.")
@@ -315,6 +351,8 @@ _METHOD_OPTIONS = (
 
 def _collect(opts: dict[str, Any]) -> list[InputItem]:
     """The inputs of a folder command: arguments, `-` for paths on stdin, --include/--exclude."""
+    from camcli.io import collect_inputs
+
     return collect_inputs(
         opts["inputs"],
         sys.stdin if "-" in opts["inputs"] else None,
@@ -326,6 +364,9 @@ def _collect(opts: dict[str, Any]) -> list[InputItem]:
 
 def _load(opts: dict[str, Any], device: Any) -> LoadedModel:
     """--model, --weights, --input-size, --mean, --std (and --labels where offered), on `device`."""
+    from camcli.models import load_model
+    from camcli.models.outputs import parse_output_key
+
     loaded = load_model(
         opts["model"],
         opts["weights"],
@@ -342,6 +383,7 @@ def _load(opts: dict[str, Any], device: Any) -> LoadedModel:
 
 
 def _explain(**opts: Any) -> int:
+    allow_large_images()  # the CLI's process: --max-pixels is camcli's own check
     if opts["colormap"] not in COLORMAPS:
         raise UsageError(f"unknown colormap {opts['colormap']!r}; use one of {', '.join(COLORMAPS)}")
     if opts["overlay_format"] not in OVERLAY_FORMATS:
@@ -350,13 +392,73 @@ def _explain(**opts: Any) -> int:
         raise UsageError("--target and --topk exclude each other")
     methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
-    device = resolve_device(opts["device"])
-    items = _collect(opts)
-    if not opts["dry_run"]:
-        check_writable(opts["out"])
+    streamed = "-" in opts["inputs"]
+    items: Any = stream_inputs(
+        opts["inputs"],
+        sys.stdin if streamed else None,
+        opts["include"] or (),
+        opts["exclude"] or (),
+        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
+    )
+    if not streamed:  # a stream is explained as it comes; a list is checked first
+        items = list(items)
+        if not items:
+            raise UsageError(no_images_message(opts["inputs"]))
     if opts["draw_boxes"] and opts["box_threshold"] is None:
         raise UsageError("--draw-boxes draws the boxes of --box-threshold F (e.g. 0.15): give it too")
+    from camcli.models.outputs import parse_output_key
+
     output_key = parse_output_key(opts["output_key"])
+    positive = opts["target"] is not None and opts["target"].lower() == "positive"
+    mean, std = _floats(opts["mean"], "--mean", (1, 3)), _floats(opts["std"], "--std", (1, 3))
+    asked = {
+        "model": opts["model"],
+        "weights": opts["weights"],
+        "layer": opts["layer"],
+        "input_size": opts["input_size"],
+        "mean": mean,
+        "std": std,
+        "labels": None if opts["labels"] is None else str(opts["labels"]),
+    }
+    request = {
+        "methods": [m.name for m in methods],
+        "target": "positive" if positive else opts["target"] or "top1",
+        "topk": opts["topk"] or 1,
+        "heatmap": opts["save_heatmap"],
+        "overlay_format": opts["overlay_format"],
+        "asked": json.loads(json.dumps(asked)),  # as a JSON file gives it back (tuples as lists)
+    }
+    if metric_options is not None:
+        request["metrics"] = {
+            "steps": metric_options.steps,
+            "substrate": metric_options.substrate,
+            "boxes": None if box_index is None else box_index.source,
+        }
+    if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
+        request["grid"] = True
+    extras = {  # recorded only when not the default, so earlier runs' JSON still matches
+        "score": opts["score"],  # as asked: the default depends on the head, known once loaded
+        "threshold": opts["threshold"] if positive else None,
+        "output_key": output_key,
+        "channels": opts["channels"],
+        "heatmap_raw": True if opts["save_heatmap_raw"] else None,
+        "box_threshold": opts["box_threshold"],
+        "draw_boxes": True if opts["draw_boxes"] else None,
+    }
+    request |= {key: value for key, value in extras.items() if value is not None}
+    method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}
+    if method_options:  # a changed --samples or --scorecam-top redoes the images
+        request["method_options"] = method_options
+    if not streamed and not opts["overwrite"] and not opts.get("grid_only") and not opts["dry_run"]:
+        finished = _all_finished(items, opts["out"], request)
+        if finished is not None:  # nothing to do: the model is not even loaded
+            return _report_finished(items, finished, opts)
+    _check_target_early(opts, box_index)
+    device = _device(opts["device"])
+    from camcli.engine import Explainer, parse_target
+    from camcli.models import check_labels, resolve_layer
+    from camcli.pipeline import ExplainRun, RunOptions, choose_score
+
     loaded = _load(opts, device)
     methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
     names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
@@ -368,10 +470,9 @@ def _explain(**opts: Any) -> int:
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes, opts["threshold"])
     score = choose_score(opts["score"], target.threshold is not None, layer.binary)
     explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"], output_key=output_key)
-    if not items:
-        stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
-        return ExitCode.IMAGE_FAILED
-    if box_index is not None and not any(box_index.lookup(item) for item in items):
+    if not opts["dry_run"]:  # only now: a usage error above leaves no empty folder behind
+        check_writable(opts["out"])
+    if box_index is not None and not streamed and not any(box_index.lookup(item) for item in items):
         stderr.print(
             f"camcli: warning: {box_index.source} has boxes for none of the {len(items)} images",
             markup=False,
@@ -381,34 +482,9 @@ def _explain(**opts: Any) -> int:
         "model": loaded.name,
         "weights": loaded.weights,
         "layer": explainer.layer_name,
-        "methods": [m.name for m in methods],
-        "target": "positive" if target.threshold is not None else opts["target"] or "top1",
-        "topk": opts["topk"] or 1,
         "input": loaded.input.to_json(),
-        "heatmap": opts["save_heatmap"],
-        "overlay_format": opts["overlay_format"],
+        **request,
     }
-    if metric_options is not None:
-        request["metrics"] = {
-            "steps": metric_options.steps,
-            "substrate": metric_options.substrate,
-            "boxes": None if box_index is None else box_index.source,
-        }
-    if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
-        request["grid"] = True
-    extras = {  # recorded only when not the default, so earlier runs' JSON still matches
-        "score": score if score != "softmax" else None,
-        "threshold": opts["threshold"] if target.threshold is not None else None,
-        "output_key": output_key,
-        "channels": opts["channels"],
-        "heatmap_raw": True if opts["save_heatmap_raw"] else None,
-        "box_threshold": opts["box_threshold"],
-        "draw_boxes": True if opts["draw_boxes"] else None,
-    }
-    request |= {key: value for key, value in extras.items() if value is not None}
-    method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}
-    if method_options:  # a changed --samples or --scorecam-top redoes the images
-        request["method_options"] = method_options
     options = RunOptions(
         out_dir=opts["out"],
         batch_size=opts["batch_size"],
@@ -439,7 +515,75 @@ def _explain(**opts: Any) -> int:
         )
     if opts["dry_run"]:
         return _dry_run(run, items, opts["out"])
-    summary_table = SummaryTable(items, opts["out"]) if opts["summary_csv"] else None
+    return _run(run, items, opts)
+
+
+def _device(name: str) -> Any:
+    from camcli.engine import resolve_device
+
+    return resolve_device(name)
+
+
+def _check_target_early(opts: dict[str, Any], box_index: Any) -> None:
+    """A class name `--target` checked against the class list before loading, where the
+    model's source knows it from metadata (zoo models) or `--labels` gives it."""
+    target = opts["target"]
+    if target is None or target.lower() in ("top1", "positive") or target.lstrip("-").isdigit():
+        return
+    from camcli.models.spec import read_labels
+    from camcli.models.zoo import known_categories
+
+    categories = (
+        read_labels(opts["labels"]) if opts["labels"] is not None else known_categories(opts["model"], opts["weights"])
+    )
+    if categories is not None:  # else: checked once the model is loaded, still before --out is made
+        from camcli.engine import parse_target
+
+        parse_target(target, None, categories, len(categories))
+
+
+def _all_finished(items: list[Any], out: Path, request: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every image's earlier record if an earlier run finished all of them as asked, else None."""
+    from camcli.resume import prior_result
+
+    records = []
+    for item in items:
+        prior = prior_result(out, item, request, loaded=False)
+        if not prior.finished:
+            return None
+        records.append(prior.record)
+    return records
+
+
+def _report_finished(items: list[Any], records: list[dict[str, Any]], opts: dict[str, Any]) -> int:
+    from camcli.summary import SummaryTable
+
+    for record in records:
+        if opts.get("records") is not None:
+            opts["records"].append(record)
+        if opts["jsonl"]:
+            sys.stdout.write(json_text(record) + "\n")
+    sys.stdout.flush()
+    if opts["summary_csv"]:
+        table = SummaryTable(items, opts["out"])
+        for record in records:
+            table.add(record)
+        atomic_write(opts["summary_csv"], table.to_csv())
+    if not opts["quiet"]:
+        stderr.print(
+            f"camcli: 0 explained, {len(records)} already done, 0 failed -> {opts['out']}", markup=False, soft_wrap=True
+        )
+    report_ok = _write_report(opts["out"], None, opts["quiet"]) if opts["report"] else True
+    return ExitCode.OK if report_ok else ExitCode.IMAGE_FAILED
+
+
+def _run(run: ExplainRun, items: Any, opts: dict[str, Any]) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from camcli.summary import SummaryTable
+
+    listed = items if isinstance(items, list) else []  # a stream's outputs are named relative to --out
+    summary_table = SummaryTable(listed, opts["out"]) if opts["summary_csv"] else None
 
     def emit(record: dict[str, Any]) -> None:
         if opts.get("records") is not None:  # `camcli evaluate` averages them
@@ -462,7 +606,7 @@ def _explain(**opts: Any) -> int:
         console=stderr,
         disable=not show_progress,
     ) as progress:
-        task = progress.add_task("explaining", total=len(items))
+        task = progress.add_task("explaining", total=len(items) if isinstance(items, list) else None)
         summary = run.run(items, emit, report_error, lambda n: progress.advance(task, n))
     if summary_table is not None:
         try:
@@ -470,10 +614,19 @@ def _explain(**opts: Any) -> int:
         except OSError as exc:
             report_error(f"{opts['summary_csv']}: cannot write the summary: {exc.strerror or exc}")
             return ExitCode.IMAGE_FAILED
+    if summary.disk_full:
+        stderr.print(
+            f"camcli: stopped: the disk is full; {summary.seen} of the images seen were handled, nothing is left "
+            "half-written; free some space and run the same command again to resume",
+            markup=False,
+            soft_wrap=True,
+        )
+        return ExitCode.IMAGE_FAILED
     if not opts["quiet"] or summary.interrupted:
         stopped = ""
         if summary.interrupted:
-            stopped = f"interrupted, {len(items) - summary.done - summary.skipped - summary.failed} not started; "
+            left = f"{len(items) - summary.seen} not started" if isinstance(items, list) else "the rest not started"
+            stopped = f"interrupted, {left}; "
         stderr.print(
             f"camcli: {stopped}{summary.done} explained, {summary.skipped} already done, "
             f"{summary.failed} failed -> {opts['out']}",
@@ -507,6 +660,10 @@ def report(
 
 def _write_report(out: Path, labels_expected: Path | None, quiet: bool) -> bool:
     """Write the report with a progress bar over the thumbnails; False if a file was unusable."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from camcli.report import write_report
+
     show_progress = stderr.is_terminal and not quiet and not os.environ.get("CI")
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -534,15 +691,18 @@ def _write_report(out: Path, labels_expected: Path | None, quiet: bool) -> bool:
     return not summary.problems
 
 
-def _metric_options(opts: dict[str, Any]) -> tuple[MetricOptions | None, Any]:
-    """--metrics, --boxes (implies --metrics), --steps, --substrate."""
+def _metric_options(opts: dict[str, Any]) -> tuple[Any, Any]:
+    """--metrics, --boxes (implies --metrics), --steps, --substrate: (MetricOptions, BoxIndex) or Nones."""
     if opts["substrate"] not in SUBSTRATES:
         raise UsageError(f"unknown substrate {opts['substrate']!r}; use one of {', '.join(SUBSTRATES)}")
     if opts["boxes"] is not None and opts["topk"] is not None:
         raise UsageError("--boxes and --topk exclude each other: a box names one target per image")
-    box_index = load_boxes(opts["boxes"]) if opts["boxes"] is not None else None
-    if not opts["metrics"] and box_index is None:
+    if not opts["metrics"] and opts["boxes"] is None:
         return None, None
+    from camcli.boxes import load_boxes
+    from camcli.metrics import MetricOptions
+
+    box_index = load_boxes(opts["boxes"]) if opts["boxes"] is not None else None
     return MetricOptions(steps=opts["steps"], substrate=opts["substrate"], chunk_size=opts["chunk_size"]), box_index
 
 
@@ -591,6 +751,8 @@ def evaluate(
     opts.update({k: v for k, v in given.items() if k != "folder"})
     opts.update(inputs=given["folder"], metrics=True, records=[])
     with _one_line_errors(debug):
+        from camcli.evaluate import summarise, table, write_summary
+
         code = _explain(**opts)
         summaries = summarise(opts["records"], [m.name for m in parse_methods(method)])
         csv_path, json_path = write_summary(out, summaries, opts["records"][0]["request"] if opts["records"] else {})
@@ -612,9 +774,10 @@ def _one_line_errors(debug: bool = False) -> Iterator[None]:
     except CamcliError as exc:
         if debug:
             raise
-        stderr.print(f"camcli: error: {exc}", markup=False, soft_wrap=True)
+        message = exc.worded(_flag) if isinstance(exc, OptionError) else str(exc)
+        stderr.print(f"camcli: error: {message}", markup=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         stderr.print("camcli: interrupted", markup=False)
         raise typer.Exit(ExitCode.INTERRUPTED) from None
 
@@ -664,6 +827,8 @@ def compare(
 @app.command()
 def methods(json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False) -> None:
     """Every method: name, paper, what it needs from the model, relative cost."""
+    from camcli import commands
+
     rows = commands.method_rows()
     if json_out:
         _print_json(rows)
@@ -675,8 +840,11 @@ def methods(json_out: Annotated[bool, typer.Option("--json", help="JSON for mach
 def models(
     pattern: Annotated[str | None, typer.Argument(help="Glob on the name, e.g. 'resnet*' or 'timm:convnext*'.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Never cut long lines to the terminal's width.")] = False,
 ) -> None:
     """Models --model accepts: the embedded default, torchvision's, timm's (when installed)."""
+    from camcli import commands
+
     entries = commands.model_entries(pattern)
     if json_out:
         _print_json(commands.models_json(entries))
@@ -684,7 +852,8 @@ def models(
     if not entries:
         stderr.print(f"camcli: no model matches {pattern!r}", markup=False)
         raise typer.Exit(ExitCode.USAGE)
-    typer.echo(commands.format_models(entries))
+    width = None if wide or not sys.stdout.isatty() else shutil.get_terminal_size().columns
+    typer.echo(commands.format_models(entries, width))
 
 
 @app.command()
@@ -704,8 +873,11 @@ def layers(
 ) -> None:
     """The model's modules with output shapes (one dry forward); the layer --layer auto picks is marked."""
     with _one_line_errors(debug):
+        from camcli import commands
+        from camcli.models import load_model
+
         loaded = load_model(model, weights, input_size=input_size)
-        torch_device = resolve_device(device)
+        torch_device = _device(device)
         loaded.model.to(torch_device)
         rows, auto, logits = commands.layer_rows(loaded.model, loaded.input, torch_device)
     if json_out:
@@ -717,12 +889,16 @@ def layers(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the per-image JSON files."""
+    from camcli.schema import schema_text
+
     typer.echo(schema_text(), nl=False)
 
 
 @app.command()
 def version(json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False) -> None:
     """Versions of camcli, torch, torchvision, OpenCV, timm and the devices camcli can use."""
+    from camcli import commands
+
     info = commands.version_info()
     if json_out:
         _print_json(info)
@@ -769,9 +945,13 @@ def _filters(
 ) -> list[Path]:
     if layer is None and not kernels:
         raise UsageError("name a layer with --layer, or ask for --kernels")
-    device = resolve_device(device_name)
-    check_writable(out)
+    from camcli.filters import filter_grid, kernel_grid, kernels_report
+    from camcli.io import encode_image, json_bytes
+    from camcli.models import load_model, resolve_layer
+
+    device = _device(device_name)
     loaded = load_model(model, weights)
+    check_writable(out)  # after loading: a bad model name leaves no folder behind
     loaded.model.to(device)
     stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in loaded.name)
     pictures = {}
@@ -827,7 +1007,10 @@ def channels(
 
 
 def _channels(**opts: Any) -> int:
-    device = resolve_device(opts["device"])
+    from camcli.channels import ChannelsOptions, ChannelsRun, parse_channels
+    from camcli.models import resolve_layer
+
+    device = _device(opts["device"])
     items = _collect(opts)
     check_writable(opts["out"])
     loaded = _load(opts, device)
@@ -873,5 +1056,7 @@ def _dry_run(run: ExplainRun, items: list[Any], out: Path) -> int:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (kept for installs made before `camcli.entry`)."""
+    from camcli.entry import main as entry
+
+    entry()

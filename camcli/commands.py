@@ -12,24 +12,16 @@ import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
-
-import torch
-from torch import nn
 
 from camcli import __version__
 from camcli.methods import method_classes
-from camcli.models import (
-    DEFAULT_MODEL,
-    TIMM_PREFIX,
-    InputSpec,
-    resolve_layer,
-    timm_cached_weights,
-    trace_forward,
-)
-from camcli.models.sources.timm import timm_available
-from camcli.models.sources.torchvision import _UNSUPPORTED, torchvision_model_names
+from camcli.models.spec import DEFAULT_MODEL, TIMM_PREFIX, InputSpec
+
+if TYPE_CHECKING:  # torch and the model sources load inside the commands that need them
+    import torch
+    from torch import nn
 
 # --- methods ----------------------------------------------------------------------------------
 
@@ -81,6 +73,8 @@ class ModelEntry:
 
 
 def _checkpoint_cached(url: str) -> bool:
+    import torch
+
     return (Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)).is_file()
 
 
@@ -88,6 +82,10 @@ def model_entries(pattern: str | None = None) -> list[ModelEntry]:
     """The models `--model` accepts, filtered by a glob on the name (like torchvision's
     `list_models(include=...)`); cache status is read from disk, nothing is downloaded."""
     import torchvision
+
+    from camcli.models import timm_cached_weights
+    from camcli.models.sources.timm import timm_available
+    from camcli.models.sources.torchvision import _UNSUPPORTED, torchvision_model_names
 
     def wanted(name: str, prefix: str = "") -> bool:
         return pattern is None or fnmatch.fnmatch(name, pattern) or (prefix and fnmatch.fnmatch(prefix + name, pattern))
@@ -126,7 +124,10 @@ def model_entries(pattern: str | None = None) -> list[ModelEntry]:
     return entries
 
 
-def format_models(entries: list[ModelEntry]) -> str:
+def format_models(entries: list[ModelEntry], width: int | None = None) -> str:
+    """The table of `camcli models`; with `width` (a terminal's), long weight lists are cut to fit."""
+    from camcli.models.sources.timm import timm_available
+
     rows = []
     for entry in entries:
         names = [w["name"] + ("*" if w["default"] and len(entry.weights) > 1 else "") for w in entry.weights]
@@ -140,7 +141,9 @@ def format_models(entries: list[ModelEntry]) -> str:
     )
     if not timm_available():
         footer += "\ntimm models are listed when timm is installed (pip install 'camcli[timm]')."
-    return _table(("model", "source", "weights", "cached", ""), rows) + footer
+    if width is not None:
+        footer += "\n~ = cut to fit the terminal: --wide or --json shows every weight."
+    return _table(("model", "source", "weights", "cached", ""), rows, width, shrink=(2, 3, 4)) + footer
 
 
 def models_json(entries: list[ModelEntry]) -> list[dict[str, Any]]:
@@ -165,6 +168,8 @@ def layer_rows(model: nn.Module, spec: InputSpec, device: torch.device) -> tuple
 
     The same trace feeds `resolve_layer`, so the marked layer is the one `explain` uses.
     """
+    from camcli.models import resolve_layer, trace_forward
+
     trace = trace_forward(model, spec, device)
     auto = resolve_layer(model, "auto", spec, device, trace=trace).name
     shapes: dict[str, list[int]] = {}
@@ -205,7 +210,10 @@ def _shape(shape: list[int]) -> str:
 def version_info() -> dict[str, Any]:
     """Versions of what camcli runs on, and the devices `--device auto` could use."""
     import cv2
+    import torch
     import torchvision
+
+    from camcli.models.sources.timm import timm_available
 
     info: dict[str, Any] = {
         "camcli": __version__,
@@ -253,7 +261,21 @@ def format_version(info: dict[str, Any]) -> str:
 # --- shared -----------------------------------------------------------------------------------
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def _table(
+    header: tuple[str, ...], rows: list[tuple[str, ...]], width: int | None = None, shrink: tuple[int, ...] = ()
+) -> str:
+    """Left-aligned columns; with `width`, the `shrink` columns are cut (ending in '~')
+    until each line fits, widest first."""
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
-    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    while width is not None and shrink and sum(widths) + 2 * (len(widths) - 1) > width:
+        widest = max(shrink, key=lambda i: widths[i])
+        if widths[widest] <= max(len(header[widest]), 8):
+            break
+        widths[widest] -= 1
+
+    def cell(value: str, w: int) -> str:
+        value = str(value)
+        return f"{value[: w - 1]}~" if len(value) > w else f"{value:<{w}}"
+
+    lines = ["  ".join(cell(c, w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from camcli.attention import Transformer, capture_attention, find_transformer
-from camcli.errors import MethodNotApplicable, UsageError
+from camcli.errors import MethodNotApplicable, OptionError, UsageError
 from camcli.methods import (
     AttentionContext,
     AttentionMethod,
@@ -98,7 +98,7 @@ class TargetSpec:
             return list(torch.where(fill, ranked, ranked[:, :1]).unbind(1))
         if self.per_sample is not None:
             if len(self.per_sample) != logits.shape[0]:
-                raise ValueError(f"{len(self.per_sample)} per-sample targets for a batch of {logits.shape[0]}")
+                raise UsageError(f"{len(self.per_sample)} per-sample targets for a batch of {logits.shape[0]} images")
             (default,) = TargetSpec(self.index).resolve(logits)
             given = torch.tensor([-1 if c is None else c for c in self.per_sample], device=logits.device)
             return [torch.where(given >= 0, given, default)]
@@ -175,6 +175,23 @@ def frozen(model: nn.Module) -> Iterator[None]:
             param.requires_grad_(flag)
         for module, mode in modes:
             module.training = mode
+
+
+@contextmanager
+def memory_format(model: nn.Module, layout: torch.memory_format) -> Iterator[None]:
+    """The model's 4-D parameters and buffers in `layout` for the call; the very tensors it
+    had (storage, strides, values) are put back afterwards, also after an exception."""
+    saved: list[tuple[Tensor, Tensor]] = []
+    try:
+        if layout is not torch.contiguous_format:
+            for tensor in [*model.parameters(), *model.buffers()]:
+                if tensor.ndim == 4 and not tensor.is_contiguous(memory_format=layout):
+                    saved.append((tensor, tensor.data))
+                    tensor.data = tensor.data.contiguous(memory_format=layout)
+        yield
+    finally:
+        for tensor, data in saved:
+            tensor.data = data
 
 
 @contextmanager
@@ -335,9 +352,9 @@ class Explainer:
         # channels_last changes only the layout of the 4-D weights and inputs, never a value:
         # oneDNN's convolutions run without reorders, 0.55x (Lite0) to 0.85x (resnet50) the
         # forward time of the default layout on a 2-core CPU (benchmarks/RESULTS.md).
+        # The model's own tensors are only borrowed in that layout (`session`), never left so.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+        self._in_session = False
         modules = dict(model.named_modules())
         self.modules = [modules[info.name] for info in self.layers]
         self.module = self.modules[0]
@@ -365,15 +382,45 @@ class Explainer:
                         f"{info.name!r}, which this model does not have (use gradcam instead)"
                     )
         if self._layer_image and len(self.layers) > 1:
-            raise UsageError(f"{self._layer_image[0].name} shows one layer; name one with --layer")
+            raise OptionError(f"{self._layer_image[0].name} shows one layer; name one with {{layer}}", "layer")
         guided = [m for m in self._gradient if m.rectifier_backward is not None]
         if guided:
             for name, module in self.model.named_modules():
                 if isinstance(module, _NON_RECTIFIER_MODULES):
                     raise _not_rectifier(guided[0].name, f"{type(module).__name__} ({name})")
 
+    def with_methods(self, methods: Sequence[Method]) -> Explainer:
+        """The same model and layers with other methods (a re-run's missing ones)."""
+        other = Explainer(
+            self.model,
+            self.layers,
+            methods,
+            chunk_size=self.chunk_size,
+            channels_last=self.memory_format is torch.channels_last,
+        )
+        other._in_session = self._in_session
+        return other
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """The model in the engine's memory format for many `explain` calls (a folder run):
+        converted once on entry, its original tensors put back on exit."""
+        if self._in_session:
+            yield
+            return
+        with memory_format(self.model, self.memory_format):
+            self._in_session = True
+            try:
+                yield
+            finally:
+                self._in_session = False
+
     def explain(self, inputs: Tensor, target: TargetSpec) -> BatchResult:
         """Explain a (B, 3, H, W) batch; each sample gets its own target(s)."""
+        with self.session():
+            return self._explain(inputs, target)
+
+    def _explain(self, inputs: Tensor, target: TargetSpec) -> BatchResult:
         results: dict[tuple[str, int], Explanation] = {}
         inputs = inputs.contiguous(memory_format=self.memory_format)
         with frozen(self.model):
@@ -655,21 +702,23 @@ def parse_target(
     """`--target` (top1, positive, an index or a class name) and `--topk` as a TargetSpec;
     ``positive`` explains every class whose sigmoid reaches `threshold` (multi-label)."""
     if target is not None and topk is not None:
-        raise UsageError("--target and --topk exclude each other")
+        raise OptionError("{target} and {topk} exclude each other", "target", "topk")
     if target is not None and target.lower() == "positive":
         if not 0.0 < threshold < 1.0:
-            raise UsageError(f"--threshold must be between 0 and 1 (a sigmoid probability), not {threshold}")
+            raise OptionError(
+                f"{{threshold}} must be between 0 and 1 (a sigmoid probability), not {threshold}", "threshold"
+            )
         return TargetSpec(threshold=threshold)
     if topk is not None:
         if not 1 <= topk <= num_classes:
-            raise UsageError(f"--topk must be between 1 and {num_classes}, not {topk}")
+            raise OptionError(f"{{topk}} must be between 1 and {num_classes}, not {topk}", "topk")
         return TargetSpec(topk=topk)
     if target is None or target.lower() == "top1":
         return TargetSpec()
     if target.lstrip("-").isdigit():
         index = int(target)
         if not 0 <= index < num_classes:
-            raise UsageError(f"--target {index} is out of range: the model has {num_classes} classes")
+            raise OptionError(f"{{target}} {index} is out of range: the model has {num_classes} classes", "target")
         return TargetSpec(index=index)
     names = list(categories or [])
     for matches in (

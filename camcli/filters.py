@@ -19,16 +19,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from torch import Tensor, nn
-from torchvision.transforms.functional import gaussian_blur
-
-from camcli.engine import frozen, layer_output
 from camcli.errors import UsageError
-from camcli.models import InputSpec, LayerInfo
 from camcli.render import tile_grid
+
+if TYPE_CHECKING:  # torch is imported by the functions that compute: `camcli --help` reads AscentOptions
+    import numpy as np
+    from torch import Tensor, nn
+
+    from camcli.models import InputSpec, LayerInfo
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ def maximise_channels(
     options: AscentOptions = AscentOptions(),  # noqa: B008 - frozen dataclass
 ) -> Tensor:
     """(N, 3, S, S) images in [0, 1], image i maximising the mean of `channels[i]`."""
+    import torch
+    from torchvision.transforms.functional import gaussian_blur
+
+    from camcli.engine import frozen, layer_output
+
     modules = dict(model.named_modules())
     if layer not in modules:
         raise UsageError(f"no layer named {layer!r} in the model (`camcli layers` lists them)")
@@ -86,6 +91,8 @@ def maximise_channels(
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
     """The first convolution that reads the RGB input, with its name."""
+    from torch import nn
+
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3 and module.groups == 1:
             return name, module
@@ -145,6 +152,8 @@ def kernels_report(model: nn.Module) -> dict[str, object]:
 def stretch(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
     """Per image contrast stretch between two quantiles, to [0, 1]: the optimised
     patterns (and kernels) use a small range, and each tile is read on its own."""
+    import torch
+
     flat = images.flatten(1).float()
     q = torch.quantile(flat, torch.tensor([low, high], device=flat.device), dim=1)  # (2, N)
     lo, hi = q[0][:, None], q[1][:, None]
@@ -153,11 +162,15 @@ def stretch(images: Tensor, low: float = 0.01, high: float = 0.99) -> Tensor:
 
 def _rgb(images: Tensor) -> np.ndarray:
     """(N, 3, h, w) in [0, 1] -> (N, h, w, 3) uint8, converted once for the writer."""
+    import torch
+
     return images.permute(0, 2, 3, 1).mul(255.0).round().to(torch.uint8).cpu().numpy()
 
 
 def filter_grid(model: nn.Module, layer: LayerInfo, spec: InputSpec, count: int, options: AscentOptions) -> np.ndarray:
     """The grid PNG of `camcli filters --layer`: channels 0..count-1, row by row."""
+    import torch
+
     channels = torch.arange(min(count, layer.channels))
     return tile_grid(_rgb(stretch(maximise_channels(model, layer.name, channels, spec, options))))
 

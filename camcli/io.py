@@ -8,41 +8,73 @@ a half-written file.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import json
 import os
 import re
+import secrets
 import stat
 import struct
 import tempfile
+import threading
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cv2
-import numpy as np
 from PIL import Image, ImageOps
 
-from camcli.errors import ImageError, UsageError
+from camcli.errors import ImageError, OutputError, UsageError
 
-# Decoder warnings ("PNG input buffer is incomplete") would bypass camcli's one-line
-# errors; camcli reports undecodable files itself.
-cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+if TYPE_CHECKING:
+    import numpy as np
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp alone gives 0600
+# Nothing here changes process-wide state at import (a library must leave its caller's
+# Pillow limits, OpenCV logging and umask alone); cv2 and numpy load on first use.
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 # Pillow's own default: a larger image is refused from its header before any decoding
-# (`--max-pixels` raises it). camcli checks the limit itself, with the user's value, so
-# Pillow's check (a warning, then an error at twice the limit) is switched off.
+# (`--max-pixels` raises it). camcli checks the limit itself, with the caller's value; the
+# CLI, which owns its process, switches Pillow's own check off (`allow_large_images`).
 DEFAULT_MAX_PIXELS = 178_956_970
-Image.MAX_IMAGE_PIXELS = None
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: int | None = None
+
+
+@contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """OpenCV's logging off while camcli decodes (its warnings, "PNG input buffer is
+    incomplete", would bypass camcli's one-line errors), put back when the last of the
+    concurrent decodes ends."""
+    import cv2
+
+    global _quiet_depth, _quiet_saved
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_saved is not None:
+                cv2.utils.logging.setLogLevel(_quiet_saved)
+
+
+def allow_large_images() -> None:
+    """For the CLI's process only: Pillow's decompression-bomb check off, since camcli
+    applies `--max-pixels` itself (a library caller keeps Pillow's guard)."""
+    Image.MAX_IMAGE_PIXELS = None
+
 
 _JPEG_END = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -78,31 +110,54 @@ def collect_inputs(
     exclude: Sequence[str] = (),
     warn: Callable[[str], None] | None = None,
 ) -> list[InputItem]:
-    """Expand files, folders (recursively, sorted) and ``-`` (paths on stdin).
+    """Expand files, folders (recursively, sorted) and ``-`` (paths on stdin) into a list;
+    see `stream_inputs`."""
+    return list(stream_inputs(args, stdin_lines, include, exclude, warn))
+
+
+def stream_inputs(
+    args: Iterable[str],
+    stdin_lines: Iterable[str] | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[InputItem]:
+    """Expand files, folders (recursively, sorted) and ``-`` (paths on stdin), lazily:
+    a path on stdin is yielded as soon as its line is read.
 
     Output names: a folder's images mirror their path below the folder, a file given
     as an argument keeps its name, a path from stdin keeps its path (anchor dropped).
 
-    A path that does not exist is a usage error before any work. The same file given
-    twice (or a file and its folder) is explained once. `include` / `exclude` globs
+    A path given as an argument that does not exist is a usage error, raised here,
+    before any work; one read from stdin is yielded all the same and fails as that
+    image (an error record), so one stale line does not stop a pipeline. The same file
+    given twice (or a file and its folder) is explained once. `include` / `exclude` globs
     (`selected`) keep or drop inputs of every kind. Symlinked folders are followed,
     each real folder once: a link back into a folder already walked (a loop) is skipped
     with one line to `warn`.
     """
-    items: list[InputItem] = []
+    args = list(args)
+    for arg in args:
+        if arg != "-" and not Path(arg).exists():
+            raise UsageError(f"no such file or folder: {arg}")
+    return _unique(item for item in _expand(args, stdin_lines, warn) if selected(item, include, exclude))
+
+
+def _expand(
+    args: list[str], stdin_lines: Iterable[str] | None, warn: Callable[[str], None] | None
+) -> Iterator[InputItem]:
     for arg in args:
         if arg == "-":  # paths from a pipeline keep their folders, so names rarely collide
             for line in stdin_lines or ():
                 line = line.strip()
                 if line:
-                    items.append(_file_item(Path(line), output_key(Path(line))))
+                    yield InputItem(Path(line), output_key(Path(line)))
             continue
         path = Path(arg)
         if path.is_dir():
-            items.extend(_folder_items(path, warn or (lambda _: None)))
+            yield from _folder_items(path, warn or (lambda _: None))
         else:  # a file named on the command line: its outputs go to OUT/<name>
-            items.append(_file_item(path, path.name))
-    return _unique([item for item in items if selected(item, include, exclude)])
+            yield InputItem(path, path.name)
 
 
 def selected(item: InputItem, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
@@ -116,12 +171,6 @@ def selected(item: InputItem, include: Sequence[str] = (), exclude: Sequence[str
     if include and not any(matches(p) for p in include):
         return False
     return not any(matches(p) for p in exclude)
-
-
-def _file_item(path: Path, key: str) -> InputItem:
-    if not path.exists():
-        raise UsageError(f"no such file or folder: {path}")
-    return InputItem(path, key)
 
 
 def _folder_items(folder: Path, warn: Callable[[str], None]) -> list[InputItem]:
@@ -146,10 +195,9 @@ def _folder_items(folder: Path, warn: Callable[[str], None]) -> list[InputItem]:
     return found
 
 
-def _unique(items: list[InputItem]) -> list[InputItem]:
+def _unique(items: Iterable[InputItem]) -> Iterator[InputItem]:
     seen_files: set[Path] = set()
     seen_keys: set[str] = set()
-    unique = []
     for item in items:
         real = Path(os.path.realpath(item.path))  # Path.resolve raises on a symlink loop
         if real in seen_files:
@@ -160,8 +208,7 @@ def _unique(items: list[InputItem]) -> list[InputItem]:
             n += 1
             key = f"{item.key}~{n}"
         seen_keys.add(key.lower())
-        unique.append(InputItem(item.path, key))
-    return unique
+        yield InputItem(item.path, key)
 
 
 def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -176,9 +223,14 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     without its end marker goes to Pillow too: older OpenCV decodes a truncated JPEG
     without complaint, filling the missing part with grey.
     """
+    import cv2
+    import numpy as np
+
     data = _read_regular_file(path)
     try:
         header = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit (library callers)
+        raise ImageError(f"{exc} (Pillow's Image.MAX_IMAGE_PIXELS)") from None
     except Exception:  # noqa: BLE001 - any header Pillow cannot parse is not an image
         raise ImageError("not a decodable image") from None
     width, height = header.size
@@ -191,7 +243,8 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
         return _decode_with_pillow(header)
     if header.format == "PNG":
         _check_png_chunks(data)
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    with _quiet_opencv():
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if bgr is None or bgr.size == 0:
         return _decode_with_pillow(header)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -232,6 +285,8 @@ def _check_png_chunks(data: bytes) -> None:
 def _decode_with_pillow(image: Image.Image) -> np.ndarray:
     """Pillow's decode (first frame, EXIF orientation applied, alpha dropped), or the reason
     the file is broken (truncated, bad checksum, corrupt data)."""
+    import numpy as np
+
     kind = image.format or "image"
     try:
         image.load()
@@ -245,21 +300,32 @@ def _decode_with_pillow(image: Image.Image) -> np.ndarray:
         raise ImageError(f"corrupt {kind} file: {reason}") from None
 
 
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write `data` to a temporary file beside `path`, then rename it into place.
+
+    The temporary file is created with mode 0666 so the kernel applies the umask, as
+    open() would (mkstemp's 0600 would need the umask, which only os.umask can read, by
+    setting it). A failure (a full disk) removes it and raises an OutputError naming `path`.
+    """
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OutputError(path, exc.strerror or str(exc), disk_full=exc.errno in _DISK_FULL) from None
 
 
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_write's mkstemp names
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")  # atomic_write's temporary names
 
 
 def remove_stale_temps(out_dir: Path, keys: Iterable[str]) -> int:
@@ -289,19 +355,21 @@ def _owned_by(output_name: str, image_names: set[str]) -> bool:
     return any(".".join(parts[:i]) in image_names for i in range(1, len(parts)))
 
 
-OVERLAY_FORMATS = {
+OVERLAY_FORMATS = {  # format: (cv2 flag, value)
     # PNG level 1: ~20 ms for 640x480 against ~35 ms at cv2's default level, files ~10% larger.
-    "png": [cv2.IMWRITE_PNG_COMPRESSION, 1],
-    "jpg": [cv2.IMWRITE_JPEG_QUALITY, 92],
-    "webp": [cv2.IMWRITE_WEBP_QUALITY, 90],
+    "png": ("IMWRITE_PNG_COMPRESSION", 1),
+    "jpg": ("IMWRITE_JPEG_QUALITY", 92),
+    "webp": ("IMWRITE_WEBP_QUALITY", 90),
 }
 
 
 def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int | None = None) -> bytes:
     """PNG, JPEG or WebP bytes (see OVERLAY_FORMATS) of an RGB uint8 image; `quality`
     overrides the JPEG/WebP default (thumbnails)."""
+    import cv2
+
     flag, value = OVERLAY_FORMATS[fmt]
-    params = [flag, value if quality is None or fmt == "png" else quality]
+    params = [getattr(cv2, flag), value if quality is None or fmt == "png" else quality]
     ok, buffer = cv2.imencode(f".{fmt}", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise OSError(f"could not encode {fmt}")
@@ -309,6 +377,8 @@ def encode_image(rgb: np.ndarray, fmt: str = "png", quality: int | None = None) 
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
+    import numpy as np
+
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
@@ -335,8 +405,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def no_images_message(inputs: Sequence[str]) -> str:
+    """What an input list without images says: where camcli looked and for which names."""
+    extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+    return f"no images found in {' '.join(inputs)} (looked for {extensions}, any case)"
+
+
 def check_writable(out_dir: Path) -> None:
     """Exit 2 before any work if --out cannot be created or written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"output folder {out_dir} is a file, not a folder; name a folder with -o/--out")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out_dir):

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from torch import Tensor, nn
 
+from camcli.choices import SUBSTRATES
 from camcli.engine import Explanation, frozen
+from camcli.errors import OptionError
 
-SUBSTRATES = ("zero", "blur", "mean")
 METRIC_NAMES = (
     "deletion_auc",
     "insertion_auc",
@@ -53,9 +53,11 @@ class MetricOptions:
 
     def __post_init__(self) -> None:
         if self.substrate not in SUBSTRATES:
-            raise ValueError(f"unknown substrate {self.substrate!r}; use one of {', '.join(SUBSTRATES)}")
+            raise OptionError(
+                f"unknown {{substrate}} {self.substrate!r}; use one of {', '.join(SUBSTRATES)}", "substrate"
+            )
         if self.steps < 1:
-            raise ValueError("steps must be at least 1")
+            raise OptionError(f"{{steps}} must be at least 1, not {self.steps}", "steps")
 
 
 # -- maps ------------------------------------------------------------------------------
@@ -108,6 +110,8 @@ def resize_to_images(maps: Tensor, sizes: Tensor) -> Tensor:
 def blur(inputs: Tensor) -> Tensor:
     """RISE's blurred copy: a Gaussian of sigma 5 px in an 11 px kernel at 224 px,
     both scaled with the input size."""
+    import torchvision.transforms.v2.functional as TF  # only for the blur substrate
+
     scale = inputs.shape[-1] / 224
     kernel = 2 * max(1, round(5 * scale)) + 1
     return TF.gaussian_blur(inputs, kernel_size=[kernel, kernel], sigma=[5.0 * scale, 5.0 * scale])
@@ -123,7 +127,7 @@ def substrate(inputs: Tensor, kind: str) -> Tensor:
         return blur(inputs)
     if kind == "mean":
         return inputs.mean(dim=(2, 3), keepdim=True).expand_as(inputs)
-    raise ValueError(f"unknown substrate {kind!r}; use one of {', '.join(SUBSTRATES)}")
+    raise OptionError(f"unknown {{substrate}} {kind!r}; use one of {', '.join(SUBSTRATES)}", "substrate")
 
 
 # -- faithfulness ----------------------------------------------------------------------

@@ -8,24 +8,26 @@ the CPU and converted to numpy once per batch.
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 from camcli import __version__
 from camcli.boxes import BoxIndex, box_iou, map_boxes
 from camcli.engine import BatchResult, Explainer, TargetSpec
-from camcli.errors import ImageError, UsageError
+from camcli.errors import ImageError, OutputError, UsageError
 from camcli.io import (
     DEFAULT_MAX_PIXELS,
     InputItem,
@@ -34,10 +36,8 @@ from camcli.io import (
     encode_image,
     json_bytes,
     npy_bytes,
-    read_json,
     remove_stale_temps,
 )
-from camcli.metrics import MetricOptions, evaluate_batch
 from camcli.models import InputSpec, LoadedModel
 from camcli.render import (
     colorize,
@@ -50,8 +50,16 @@ from camcli.render import (
     overlay,
     tile_grid,
 )
+from camcli.resume import Prior, output_files, prior_result
+
+if TYPE_CHECKING:
+    from camcli.metrics import MetricOptions
 
 SCHEMA_VERSION = 1
+
+# A batch read from a stream (paths on stdin) starts once it is full or this long after
+# its first path arrived, so a slow producer's first image is explained at once.
+STREAM_WAIT_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class RunOptions:
     save_raw: bool = False  # --save-heatmap raw: also the map before ReLU and min-max (feature resolution)
     box_threshold: float | None = None  # --box-threshold: boxes of each map's parts >= F x its maximum
     draw_boxes: bool = False  # draw those boxes on the overlay
+    stream_wait: float = STREAM_WAIT_S  # a streamed batch waits at most this for more paths
 
 
 @dataclass
@@ -87,7 +96,12 @@ class RunSummary:
     skipped: int = 0
     failed: int = 0
     interrupted: bool = False  # Ctrl-C: stopped after the batch on the model, writes finished
+    disk_full: str | None = None  # the first write that found the disk full: the run stopped there
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def seen(self) -> int:
+        return self.done + self.skipped + self.failed
 
 
 @dataclass
@@ -96,6 +110,7 @@ class _Decoded:
     image: np.ndarray | None = None  # RGB uint8, original size
     tensor: torch.Tensor | None = None  # (3, S, S) normalised model input
     error: str | None = None
+    prior: Prior | None = None  # what an earlier run left (kept explanations, files to remove)
 
 
 # ITU-R BT.601 luma, the weights of Pillow's convert("L") and OpenCV's RGB2GRAY
@@ -103,9 +118,10 @@ LUMINANCE = (0.299, 0.587, 0.114)
 
 
 def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
-    """RGB uint8 (H, W, 3) -> normalised (C, S, S): the whole image resized (no crop), so
-    the heatmap covers the whole picture; antialiased like torchvision's transforms. A
-    1-channel model gets the luminance (a grey PNG, decoded as R = G = B, stays itself)."""
+    """RGB uint8 (H, W, 3) -> normalised (3, S, S): the whole image resized (no crop), so
+    the heatmap covers the whole picture; antialiased like torchvision's transforms."""
+    if not image.flags.writeable:  # np.asarray(PIL image) is read-only; torch would warn
+        image = image.copy()
     x = torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
     if spec.channels == 1:
         x = (x * torch.tensor(LUMINANCE).view(1, 3, 1, 1)).sum(1, keepdim=True)
@@ -123,7 +139,7 @@ def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
 
 
 class ExplainRun:
-    """One `camcli explain` over a list of inputs."""
+    """One `camcli explain` over a list (or a stream) of inputs."""
 
     def __init__(
         self,
@@ -139,32 +155,36 @@ class ExplainRun:
         self.target = target
         self.device = device
         self.options = options
-        self.request = request  # what a re-run must match to skip an image
+        self.request = request  # what a re-run must match to keep an image's earlier results
         self._writes_pending = threading.BoundedSemaphore(4 * options.batch_size)
+        self._explainers = {tuple(m.name for m in explainer.methods): explainer}
 
     def run(
         self,
-        items: Sequence[InputItem],
+        items: Iterable[InputItem],
         emit: Callable[[dict[str, Any]], None],
         report_error: Callable[[str], None],
         advance: Callable[[int], None],
     ) -> RunSummary:
-        """Explain `items`; `emit` gets each image's record in input order.
+        """Explain `items` (a list, or an iterator such as paths read from stdin: work
+        starts with the first); `emit` gets each image's record in input order.
 
         A first Ctrl-C stops the run after the batch on the model: writes already queued
-        finish, nothing is left half-written, and the summary says ``interrupted``.
+        finish, nothing is left half-written, and the summary says ``interrupted``. A full
+        disk stops it too (``disk_full``): the files of that image are not left, and the same
+        command resumes once there is room.
         """
         summary = RunSummary()
         writes: list[tuple[_Decoded, Future[None]]] = []
-        remove_stale_temps(self.options.out_dir, (item.key for item in items))
         with (
             _stop_on_sigint() as stop,
             ThreadPoolExecutor(self.options.workers, thread_name_prefix="camcli-decode") as decoder,
             ThreadPoolExecutor(1, thread_name_prefix="camcli-write") as writer,
+            self.explainer.session(),
         ):
-            for batch in self._batches(items, decoder):
-                if stop.is_set():
-                    summary.interrupted = True
+            for batch in self._batches(items, decoder, stop):
+                if stop.is_set() or summary.disk_full:
+                    summary.interrupted = stop.is_set()
                     decoder.shutdown(wait=False, cancel_futures=True)
                     break
                 for entry in batch:
@@ -186,54 +206,71 @@ class ExplainRun:
 
     # -- stages ---------------------------------------------------------------------------
 
-    def _batches(self, items: Sequence[InputItem], decoder: ThreadPoolExecutor) -> Iterator[list[Any]]:
-        """Batches of decoded inputs (or earlier records), decoding one batch ahead."""
-        size = self.options.batch_size
-        chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    def _batches(
+        self, items: Iterable[InputItem], decoder: ThreadPoolExecutor, stop: threading.Event
+    ) -> Iterator[list[Any]]:
+        """Batches of decoded inputs (or earlier records), decoding one batch ahead when the
+        next inputs are at hand; a stream never waits for paths while a batch is ready."""
+        chunks = _Chunks(items, self.options.batch_size, self.options.stream_wait, stop)
         pending: list[Any] | None = None
-        for chunk in [*chunks, None]:
+        exhausted = False
+        while not exhausted or pending is not None:
+            chunk = None if exhausted else chunks.take(block=pending is None)
+            exhausted = exhausted or chunk is _END
             submitted = None
-            if chunk is not None:
-                submitted = [self._finished_record(item) or decoder.submit(self._decode, item) for item in chunk]
+            if isinstance(chunk, list):
+                remove_stale_temps(self.options.out_dir, (item.key for item in chunk))
+                submitted = [self._plan(item, decoder) for item in chunk]
             if pending is not None:
                 yield [entry.result() if isinstance(entry, Future) else entry for entry in pending]
             pending = submitted
 
-    def _decode(self, item: InputItem) -> _Decoded:
+    def _plan(self, item: InputItem, decoder: ThreadPoolExecutor) -> dict[str, Any] | Future[_Decoded]:
+        """An earlier run's record if it has every requested method, else the decode job."""
+        prior = None
+        if not self.options.grid_only:
+            prior = prior_result(self.options.out_dir, item, self.request)
+            if self.options.overwrite:
+                prior = Prior(prior.record, False, prior.missing)
+            elif prior.finished:
+                assert prior.record is not None
+                return prior.record
+        return decoder.submit(self._decode, item, prior)
+
+    def _decode(self, item: InputItem, prior: Prior | None = None) -> _Decoded:
         try:
             image = decode_image(item.path, self.options.max_pixels)
-            return _Decoded(item, image, preprocess(image, self.loaded.input))
+            return _Decoded(item, image, preprocess(image, self.loaded.input), prior=prior)
         except ImageError as exc:
-            return _Decoded(item, error=str(exc))
+            return _Decoded(item, error=str(exc), prior=prior)
         except Exception as exc:  # noqa: BLE001 - a broken file must not stop the run
-            return _Decoded(item, error=f"cannot decode: {type(exc).__name__}: {exc}")
+            return _Decoded(item, error=f"cannot decode: {type(exc).__name__}: {exc}", prior=prior)
+
+    def _todo(self, entry: _Decoded) -> tuple[str, ...]:
+        """The methods to run for an image: those an earlier, reusable result lacks, or all."""
+        prior = entry.prior
+        if prior is not None and prior.reusable:
+            return prior.missing
+        return tuple(m.name for m in self.explainer.methods)
+
+    def _explainer_for(self, names: tuple[str, ...]) -> Explainer:
+        if names not in self._explainers:
+            wanted = [m for m in self.explainer.methods if m.name in names]
+            self._explainers[names] = self.explainer.with_methods(wanted)
+        return self._explainers[names]
 
     def _explain(
         self, decoded: list[_Decoded], summary: RunSummary, report_error: Callable[[str], None]
     ) -> Iterator[tuple[_Decoded, dict[str, Any], Callable[[], None]]]:
-        good = [d for d in decoded if d.error is None]
-        result, metrics = None, None
-        if good:
-            batch = torch.stack([d.tensor for d in good]).to(self.device)  # type: ignore[misc]
-            boxes = self.options.boxes
-            target = self.target
-            if boxes is not None:  # a box's class is its image's target
-                target = TargetSpec(self.target.index, per_sample=boxes.targets([d.item for d in good]))
-            result = self.explainer.explain(batch, target)
-            if self.options.metrics is not None:
-                sizes = [d.image.shape[:2] for d in good]  # type: ignore[union-attr]
-                found = [boxes.lookup(d.item) for d in good] if boxes is not None else None
-                per_image = [b.boxes if b is not None else None for b in found] if found is not None else None
-                unscored = [e.is_tiles or e.categorical for e in result.explanations]  # no heatmap to score
-                scored = [e for e, skip in zip(result.explanations, unscored, strict=True) if not skip]
-                values = iter(
-                    evaluate_batch(
-                        self.explainer.net, batch, scored, sizes, per_image, self.options.metrics, result.logits
-                    )
-                )
-                metrics = [None if skip else next(values) for skip in unscored]
-        arrays = _to_numpy(result, metrics, self.options.score) if result is not None else None
-        position = 0
+        groups: dict[tuple[str, ...], list[_Decoded]] = {}
+        for d in decoded:
+            if d.error is None:
+                groups.setdefault(self._todo(d), []).append(d)
+        found: dict[int, tuple[dict[str, Any], int]] = {}  # id(entry) -> (its group's arrays, position)
+        for names, good in groups.items():
+            arrays = self._explain_group(self._explainer_for(names), good)
+            for position, d in enumerate(good):
+                found[id(d)] = (arrays, position)
         for entry in decoded:
             if entry.error is not None:
                 summary.failed += 1
@@ -244,9 +281,32 @@ class ExplainRun:
                 yield entry, record, self._job(entry, record, None, 0)
                 continue
             summary.done += 1
+            arrays, position = found[id(entry)]
             record = self._record(entry, arrays, position)
             yield entry, record, self._job(entry, record, arrays, position)
-            position += 1
+
+    def _explain_group(self, explainer: Explainer, good: list[_Decoded]) -> dict[str, Any]:
+        """One engine pass (and the metrics) over images that need the same methods."""
+        batch = torch.stack([d.tensor for d in good]).to(self.device)  # type: ignore[misc]
+        boxes = self.options.boxes
+        target = self.target
+        if boxes is not None:  # a box's class is its image's target
+            target = TargetSpec(self.target.index, per_sample=boxes.targets([d.item for d in good]))
+        result = explainer.explain(batch, target)
+        metrics = None
+        if self.options.metrics is not None:
+            from camcli.metrics import evaluate_batch
+
+            sizes = [d.image.shape[:2] for d in good]  # type: ignore[union-attr]
+            found = [boxes.lookup(d.item) for d in good] if boxes is not None else None
+            per_image = [b.boxes if b is not None else None for b in found] if found is not None else None
+            unscored = [e.is_tiles or e.categorical for e in result.explanations]  # no heatmap to score
+            scored = [e for e, skip in zip(result.explanations, unscored, strict=True) if not skip]
+            values = iter(
+                evaluate_batch(explainer.net, batch, scored, sizes, per_image, self.options.metrics, result.logits)
+            )
+            metrics = [None if skip else next(values) for skip in unscored]
+        return _to_numpy(result, metrics, self.options.score)
 
     # -- records and files ----------------------------------------------------------------
 
@@ -255,103 +315,40 @@ class ExplainRun:
 
     def is_finished(self, item: InputItem) -> bool:
         """Whether an earlier run already explained `item` the same way (it would be skipped)."""
-        return self._finished_record(item) is not None
-
-    def _finished_record(self, item: InputItem) -> dict[str, Any] | None:
         if self.options.overwrite or self.options.grid_only:
-            return None
-        path = self._json_path(item)
-        record = read_json(path)
-        if record is None or record.get("error") is not None or record.get("request") != self.request:
-            return None
-        outputs = [e.get("overlay") for e in record.get("explanations", [])]
-        outputs += [e.get(k) for e in record.get("explanations", []) for k in ("heatmap", "raw_heatmap") if e.get(k)]
-        outputs += [record["grid"]] if "grid" in record else []
-        if not all(isinstance(o, str) and (path.parent / o).is_file() for o in outputs):
-            return None
-        return record
+            return False
+        return prior_result(self.options.out_dir, item, self.request).finished
 
     def _record(self, entry: _Decoded, arrays: dict[str, Any] | None, i: int) -> dict[str, Any]:
-        loaded = self.loaded
-        record: dict[str, Any] = {
-            "schema_version": SCHEMA_VERSION,
-            "image": str(entry.item.path),
-            "width": None,
-            "height": None,
-            "model": loaded.name,
-            "weights": loaded.weights,
-            "input": loaded.input.to_json(),
-            "device": str(self.device),
-            "versions": {"camcli": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
-            "predictions": [],
-            "explanations": [],
-            "error": entry.error,
-            "request": self.request,
-        }
-        if loaded.random_weights:  # said in the JSON as on stderr: nothing was loaded
-            record["random_weights"] = True
-        if self.options.score != "softmax":
-            record["score"] = self.options.score
+        options = self.options
+        truth = options.boxes.lookup(entry.item) if options.boxes is not None else None
+        record = image_record(
+            self.loaded,
+            self.device,
+            self.request,
+            str(entry.item.path),
+            Path(entry.item.key).name,
+            arrays,
+            i,
+            shape=None if entry.image is None else entry.image.shape[:2],
+            error=entry.error,
+            topk=self.target.topk > 1 or self.target.threshold is not None,
+            overlay_format=options.overlay_format,
+            save_heatmap=options.save_heatmap,
+            grid=options.grid,
+            score=options.score,
+            binary=self.explainer.layer.binary,
+            save_raw=options.save_raw,
+            box_threshold=options.box_threshold,
+            truth=truth.boxes if truth is not None else None,
+        )
         if arrays is None:
             return record
-        assert entry.image is not None
-        record["height"], record["width"] = (int(v) for v in entry.image.shape[:2])
-        record["predictions"] = [
-            {"index": int(c), "label": loaded.label(int(c)), "score": float(s)}
-            for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
-        ]
-        name = Path(entry.item.key).name
-        options = self.options
-        per_class = self.target.topk > 1 or self.target.threshold is not None
-        binary = self.explainer.layer.binary
-        truth = options.boxes.lookup(entry.item) if options.boxes is not None else None
-        for e in _kept(arrays, i):
-            index = int(e["targets"][i])
-            stem = f"{name}.{e['method']}" + (f".c{index}" if per_class else "")
-            target = {"index": index, "label": loaded.label(index), "score": float(e["scores"][i])}
-            if binary:  # which sign of the model's one logit was explained
-                target["gradient_of"] = "logit" if index == 1 else "-logit"
-            meta: dict[str, Any] = {
-                "method": e["method"],
-                "layer": e["layer"],
-                "target": target,
-                "overlay": f"{stem}.{options.overlay_format}",
-                "heatmap": f"{stem}.npy" if options.save_heatmap else None,
-                "warning": "flat map" if e["flat"][i] else None,
-            }
-            if e["metrics"] is not None:
-                meta["metrics"] = _metrics_json(e["metrics"], i)
-            if e["channels"] is not None:
-                meta["channels"] = [int(c) for c in e["channels"][i]]
-            if e["categorical"]:  # a label map: the classes it shows, by share of the picture
-                indices, counts = np.unique(e["maps"][i].astype(np.int64), return_counts=True)
-                order = np.argsort(-counts, kind="stable")
-                meta["classes"] = [
-                    {
-                        "index": int(indices[n]),
-                        "label": loaded.label(int(indices[n])),
-                        "share": float(counts[n] / counts.sum()),
-                    }
-                    for n in order
-                ]
-            if options.save_raw and e["raw"] is not None:
-                raw = e["raw"][i]
-                meta |= {"raw_heatmap": f"{stem}.raw.npy", "raw_min": float(raw.min()), "raw_max": float(raw.max())}
-            if (
-                options.box_threshold is not None
-                and e["channels"] is None
-                and not e["categorical"]
-                and e["maps"][i].ndim == 2
-            ):
-                heat = heatmap_at_size(e["maps"][i], record["width"], record["height"])
-                meta["boxes"] = map_boxes(heat, options.box_threshold)
-                if truth is not None:  # the largest box against the best-matching labelled one
-                    found = meta["boxes"][:1]
-                    iou = max((box_iou(found[0], b) for b in truth.boxes), default=0.0) if found else 0.0
-                    meta.setdefault("metrics", {})["localisation_iou"] = iou if truth.boxes else None
-            record["explanations"].append(meta)
-        if self.options.grid:
-            record["grid"] = f"{name}.grid.png"
+        prior = entry.prior
+        if prior is not None and prior.reusable and prior.record is not None:  # add to the earlier results
+            kept = prior.record["request"].get("methods", [])
+            record["explanations"] = prior.record.get("explanations", []) + record["explanations"]
+            record["request"] = dict(self.request, methods=[*kept, *(m for m in prior.missing if m not in kept)])
         return record
 
     def _job(
@@ -361,13 +358,32 @@ class ExplainRun:
         json_path = self._json_path(entry.item)
         options = self.options
 
+        replaced = None if options.grid_only or entry.prior is None else entry.prior.record
+
+        kept = entry.prior.record if entry.prior is not None and entry.prior.reusable else None
+
         def write() -> None:
             folder = json_path.parent
+            # files of an earlier result that this one no longer names go first: a crash
+            # later leaves the old JSON naming a missing file (redone), never an orphan
+            for name in sorted(set(output_files(replaced)) - set(output_files(record))):
+                (folder / name).unlink(missing_ok=True)
+            try:
+                write_files(folder)
+            except BaseException:  # a full disk: no file of this image that no JSON names
+                if not options.grid_only:
+                    for name in set(output_files(record)) - set(output_files(kept)):
+                        (folder / name).unlink(missing_ok=True)
+                raise
+
+        def write_files(folder: Path) -> None:
             if arrays is not None:
                 assert entry.image is not None
                 height, width = entry.image.shape[:2]
                 panels = []
-                for e, meta in zip(_kept(arrays, i), record["explanations"], strict=True):
+                kept = _kept(arrays, i)  # -t positive: this image's own classes
+                new = record["explanations"][len(record["explanations"]) - len(kept) :]
+                for e, meta in zip(kept, new, strict=True):
                     if e["channels"] is not None:  # layer channels (N, h, w): one tile each
                         raw = e["maps"][i]
                         picture = tile_grid(colorize(raw, options.colormap))
@@ -417,10 +433,86 @@ class ExplainRun:
             if entry.error is None:  # counted as done when explained
                 summary.done -= 1
                 summary.failed += 1
-            message = f"{entry.item.path}: cannot write outputs: {error}"
+            if isinstance(error, OutputError) and error.disk_full:
+                if summary.disk_full is not None:
+                    continue  # said once: every later write finds the same full disk
+                summary.disk_full = message = f"{entry.item.path}: {error}"
+            elif isinstance(error, OutputError):
+                message = f"{entry.item.path}: {error}"
+            else:
+                message = f"{entry.item.path}: cannot write outputs: {error}"
             summary.errors.append(message)
             report_error(message)
         return remaining
+
+
+_END = object()  # `_Chunks.take`: the inputs are exhausted
+
+
+class _Chunks:
+    """Batches of inputs as they become available. A list is cut into batches; any other
+    iterable (paths on stdin) is read by a thread, and a batch is handed out once full or
+    `wait` seconds after its first input arrived."""
+
+    def __init__(self, items: Iterable[InputItem], size: int, wait: float, stop: threading.Event) -> None:
+        self.size, self.wait, self.stop = size, wait, stop
+        self._list = list(items) if isinstance(items, Sequence) else None
+        self._at = 0
+        self._queue: queue.Queue[Any] = queue.Queue()
+        if self._list is None:
+            threading.Thread(target=self._pump, args=(items,), daemon=True, name="camcli-inputs").start()
+
+    def _pump(self, items: Iterable[InputItem]) -> None:
+        try:
+            for item in items:
+                self._queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the run's thread
+            self._queue.put(exc)
+        self._queue.put(_END)
+
+    def take(self, block: bool) -> list[InputItem] | object | None:
+        """The next batch, `_END`, or None when `block` is False and nothing has arrived."""
+        if self._list is not None:
+            chunk = self._list[self._at : self._at + self.size]
+            self._at += self.size
+            return chunk or _END
+        first = self._get(None if block else 0.0)
+        if first is None or first is _END:
+            return first
+        chunk = [first]
+        deadline = time.monotonic() + self.wait
+        while len(chunk) < self.size:
+            item = self._get(max(0.0, deadline - time.monotonic()))
+            if item is None:
+                break
+            if item is _END:
+                self._queue.put(_END)  # seen again by the next take
+                break
+            chunk.append(item)
+        return chunk
+
+    def _get(self, timeout: float | None) -> Any:
+        """One queued entry; None after `timeout` (None: until one comes or Ctrl-C)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = 0.1 if end is None else min(0.1, end - time.monotonic())
+            try:
+                entry = self._queue.get(timeout=max(remaining, 0.0)) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                if self.stop.is_set() or (end is not None and time.monotonic() >= end):
+                    return _END if self.stop.is_set() else None
+                continue
+            if isinstance(entry, BaseException):
+                raise entry
+            return entry
+
+
+def _torchvision_version() -> str:
+    """torchvision's version without importing it (the default model does not need it)."""
+    try:
+        return metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _grid(
@@ -544,3 +636,101 @@ def _metrics_json(metrics: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def image_record(
+    loaded: LoadedModel,
+    device: torch.device | str,
+    request: dict[str, Any],
+    image: str,
+    name: str,
+    arrays: dict[str, Any] | None,
+    i: int,
+    *,
+    shape: tuple[int, ...] | None = None,
+    error: str | None = None,
+    topk: bool = False,
+    overlay_format: str = "png",
+    save_heatmap: bool = False,
+    grid: bool = False,
+    score: str = "softmax",
+    binary: bool = False,
+    save_raw: bool = False,
+    box_threshold: float | None = None,
+    truth: list[list[int]] | None = None,
+) -> dict[str, Any]:
+    """The per-image JSON record (camcli/schema): image `i` of a batch's `arrays` (None for
+    a failed image), its files named after `name` as the writers name them. The CLI writes
+    it; the API's `ImageResult.to_json` returns it. `topk`: one file per class (-k, -t
+    positive); `binary`: a one-logit model (which sign was explained); `truth`: the
+    image's labelled boxes, for the localisation IoU of `box_threshold`'s boxes."""
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "image": image,
+        "width": None,
+        "height": None,
+        "model": loaded.name,
+        "weights": loaded.weights,
+        "input": loaded.input.to_json(),
+        "device": str(device),
+        "versions": {"camcli": __version__, "torch": torch.__version__, "torchvision": _torchvision_version()},
+        "predictions": [],
+        "explanations": [],
+        "error": error,
+        "request": request,
+    }
+    if loaded.random_weights:  # said in the JSON as on stderr: nothing was loaded
+        record["random_weights"] = True
+    if score != "softmax":
+        record["score"] = score
+    if arrays is None:
+        return record
+    assert shape is not None
+    record["height"], record["width"] = (int(v) for v in shape[:2])
+    record["predictions"] = [
+        {"index": int(c), "label": loaded.label(int(c)), "score": float(s)}
+        for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
+    ]
+    for e in _kept(arrays, i):
+        index = int(e["targets"][i])
+        stem = f"{name}.{e['method']}" + (f".c{index}" if topk else "")
+        target = {"index": index, "label": loaded.label(index), "score": float(e["scores"][i])}
+        if binary:  # which sign of the model's one logit was explained
+            target["gradient_of"] = "logit" if index == 1 else "-logit"
+        meta: dict[str, Any] = {
+            "method": e["method"],
+            "layer": e["layer"],
+            "target": target,
+            "overlay": f"{stem}.{overlay_format}",
+            "heatmap": f"{stem}.npy" if save_heatmap else None,
+            "warning": "flat map" if e["flat"][i] else None,
+        }
+        if e["metrics"] is not None:
+            meta["metrics"] = _metrics_json(e["metrics"], i)
+        if e["channels"] is not None:
+            meta["channels"] = [int(c) for c in e["channels"][i]]
+        if e["categorical"]:  # a label map: the classes it shows, by share of the picture
+            indices, counts = np.unique(e["maps"][i].astype(np.int64), return_counts=True)
+            order = np.argsort(-counts, kind="stable")
+            meta["classes"] = [
+                {
+                    "index": int(indices[n]),
+                    "label": loaded.label(int(indices[n])),
+                    "share": float(counts[n] / counts.sum()),
+                }
+                for n in order
+            ]
+        if save_raw and e["raw"] is not None:
+            raw = e["raw"][i]
+            meta |= {"raw_heatmap": f"{stem}.raw.npy", "raw_min": float(raw.min()), "raw_max": float(raw.max())}
+        if box_threshold is not None and e["channels"] is None and not e["categorical"] and e["maps"][i].ndim == 2:
+            heat = heatmap_at_size(e["maps"][i], record["width"], record["height"])
+            meta["boxes"] = map_boxes(heat, box_threshold)
+            if truth is not None:  # the largest box against the best-matching labelled one
+                found = meta["boxes"][:1]
+                iou = max((box_iou(found[0], b) for b in truth), default=0.0) if found else 0.0
+                meta.setdefault("metrics", {})["localisation_iou"] = iou if truth else None
+        record["explanations"].append(meta)
+    if grid:
+        record["grid"] = f"{name}.grid.png"
+    return record

@@ -5,17 +5,18 @@ from __future__ import annotations
 import math
 from functools import cache
 
-import cv2
 import numpy as np
 
-COLORMAPS = {
-    "jet": cv2.COLORMAP_JET,
-    "turbo": cv2.COLORMAP_TURBO,
-    "viridis": cv2.COLORMAP_VIRIDIS,
-    "inferno": cv2.COLORMAP_INFERNO,
-    "magma": cv2.COLORMAP_MAGMA,
-    "plasma": cv2.COLORMAP_PLASMA,
-    "hot": cv2.COLORMAP_HOT,
+from camcli.lazy import cv2
+
+COLORMAPS = {  # name: cv2's colormap constant (None: a plain grey ramp)
+    "jet": "COLORMAP_JET",
+    "turbo": "COLORMAP_TURBO",
+    "viridis": "COLORMAP_VIRIDIS",
+    "inferno": "COLORMAP_INFERNO",
+    "magma": "COLORMAP_MAGMA",
+    "plasma": "COLORMAP_PLASMA",
+    "hot": "COLORMAP_HOT",
     "gray": None,
 }
 
@@ -27,7 +28,7 @@ def colormap_lut(name: str) -> np.ndarray:
     code = COLORMAPS[name]
     if code is None:
         return np.repeat(ramp, 3, axis=1)
-    return cv2.applyColorMap(ramp, code).reshape(256, 3)[:, ::-1].copy()  # BGR -> RGB
+    return cv2.applyColorMap(ramp, getattr(cv2, code)).reshape(256, 3)[:, ::-1].copy()  # BGR -> RGB
 
 
 def resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -68,7 +69,6 @@ def gradient_image(gradient: np.ndarray) -> np.ndarray:
 # --- comparison grids -------------------------------------------------------------------------
 
 GRID_PAD = 6  # white gutter between and around panels, in pixels
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
 def title_height(panel_height: int) -> int:
@@ -114,13 +114,14 @@ def comparison_grid(cells: list[list[tuple[np.ndarray, str, str] | None]], panel
 def _put_text(grid: np.ndarray, text: str, x: int, baseline: int, width: int, bar: int, bold: bool) -> None:
     """Draw one line (ASCII; others as '?'), shrunk then cut with '...' to fit the panel."""
     text = text.encode("ascii", "replace").decode()
+    font = cv2.FONT_HERSHEY_SIMPLEX
     scale = bar / 60.0
     thickness = 2 if bold and bar >= 40 else 1
-    while cv2.getTextSize(text, _FONT, scale, thickness)[0][0] > width and scale > bar / 110.0:
+    while cv2.getTextSize(text, font, scale, thickness)[0][0] > width and scale > bar / 110.0:
         scale *= 0.9
-    while len(text) > 1 and cv2.getTextSize(text, _FONT, scale, thickness)[0][0] > width:
+    while len(text) > 1 and cv2.getTextSize(text, font, scale, thickness)[0][0] > width:
         text = text[:-4] + "..." if len(text) > 4 else text[:-1]
-    cv2.putText(grid, text, (x, baseline), _FONT, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+    cv2.putText(grid, text, (x, baseline), font, scale, (0, 0, 0), thickness, cv2.LINE_AA)
 
 
 def colorize(maps: np.ndarray, colormap: str = "jet") -> np.ndarray:

@@ -110,3 +110,21 @@ def test_api_with_a_user_model_and_labels() -> None:
     (result,) = explain(image, "cam", model=loaded, target="not ok")
     assert result.explanations[0].target.label == "not ok" and result.heatmap("cam").shape == (20, 30)
     assert {p.label for p in result.predictions} == {"ok", "not ok"}
+
+
+def test_results_show_inline_and_give_the_clis_record(tmp_path, samples_dir, lite0, validate_record) -> None:
+    image = samples_dir / "skimage_chelsea.png"
+    (result,) = explain(image, "gradcam,saliency", model=lite0)
+    png = result._repr_png_()
+    assert png.startswith(b"\x89PNG")
+    shown = np.asarray(PIL.Image.open(__import__("io").BytesIO(png)))
+    assert shown.shape[1] > 2 * shown.shape[0]  # the image, then one panel per method
+    record = json.loads(result.to_json())
+    validate_record(record)
+    out = tmp_path / "out"
+    assert CliRunner().invoke(app, ["explain", str(image), "-o", str(out), "-m", "gradcam,saliency"]).exit_code == 0
+    written = json.loads((out / "skimage_chelsea.png.json").read_text())
+    for key in ("image", "width", "height", "model", "weights", "input", "predictions", "explanations", "error"):
+        assert record[key] == written[key], key
+    for key in ("model", "weights", "layer", "methods", "target", "topk", "heatmap"):
+        assert record["request"][key] == written["request"][key], key

@@ -366,13 +366,27 @@ def test_leading_dash_file_argument_after_double_dash(tmp_path, monkeypatch) -> 
     assert json.loads((tmp_path / "out" / "-dash.png.json").read_text())["error"] is None
 
 
-def test_folder_without_images_is_exit_1_with_a_clear_line(tmp_path) -> None:
+def test_folder_without_images_is_a_usage_error_naming_the_extensions(tmp_path) -> None:
     src = tmp_path / "in"
     src.mkdir()
     write(src, "readme.txt", b"no images here")
     result = invoke(str(src), "-o", str(tmp_path / "out"), *TINY)
-    assert result.exit_code == 1
-    assert result.stderr.strip() == f"camcli: no images found in {src}"
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith(f"camcli: error: no images found in {src} (looked for .bmp, .gif, .jpeg")
+    assert not (tmp_path / "out").exists()  # found before anything was created
+
+
+def test_unknown_class_name_creates_nothing(tmp_path, samples_dir) -> None:
+    out = tmp_path / "newdir"
+    result = invoke(str(samples_dir / "skimage_chelsea.png"), "-t", "kat", "-o", str(out))
+    assert result.exit_code == 2 and "unknown class name 'kat'" in result.stderr
+    assert not out.exists()
+
+
+def test_out_naming_a_file_says_it_is_a_file(tmp_path, samples_dir) -> None:
+    afile = write(tmp_path, "afile", b"x")
+    result = invoke(str(samples_dir / "skimage_chelsea.png"), "-o", str(afile), *TINY)
+    assert result.exit_code == 2 and f"output folder {afile} is a file, not a folder" in result.stderr
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "is_a_file"])
@@ -383,8 +397,9 @@ def test_output_dir_that_cannot_be_created_is_exit_2_before_any_work(tmp_path, w
     result = invoke(str(image), "-o", str(out), *TINY)
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
-        f"camcli: error: cannot write to output folder {out}: "
-        + ("Not a directory" if where == "under_a_file" else "File exists")
+        f"camcli: error: cannot write to output folder {out}: Not a directory"
+        if where == "under_a_file"
+        else f"camcli: error: output folder {out} is a file, not a folder; name a folder with -o/--out"
     ]
     assert blocker.read_bytes() == b"a file, not a folder"
 

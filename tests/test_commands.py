@@ -199,3 +199,14 @@ def test_shell_completion_of_method_lists(tmp_path) -> None:
     assert proc.stdout.split() == ["gradcam,scorecam"], proc.stderr
     help_text = run("--help").stdout
     assert "--install-completion" in help_text
+
+
+def test_models_table_fits_a_width_unless_wide() -> None:
+    from camcli import commands
+
+    entries = commands.model_entries("resnet*")
+    narrow = commands.format_models(entries, 70)
+    table = [line for line in narrow.splitlines() if line.startswith(("model", "resnet"))]
+    assert table and all(len(line) <= 70 for line in table)
+    assert "~" in narrow and "--wide" in narrow
+    assert any(len(line) > 70 for line in commands.format_models(entries).splitlines())

@@ -136,7 +136,7 @@ def test_substrate_values() -> None:
     assert torch.allclose(substrate(x, "blur"), by_hand.view_as(x), atol=1e-5)
     constant = torch.full((1, 3, 64, 64), 0.3)
     assert torch.allclose(blur(constant), constant)
-    with pytest.raises(ValueError, match="substrate"):
+    with pytest.raises(UsageError, match="substrate"):
         MetricOptions(substrate="noise")
 
 

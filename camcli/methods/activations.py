@@ -8,11 +8,14 @@ colormap. No target: the tiles are the same for every class.
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from camcli.errors import UsageError
+from camcli.errors import OptionError
 from camcli.methods import register
 from camcli.methods.base import LayerImageMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register
@@ -28,7 +31,7 @@ class Activations(LayerImageMethod):
 
     def __init__(self, tiles: int = 16) -> None:
         if tiles < 1:
-            raise UsageError(f"--tiles must be at least 1, not {tiles}")
+            raise OptionError(f"{{tiles}} must be at least 1, not {tiles}", "tiles")
         self.tiles = tiles
 
     def select(self, activations: Tensor) -> Tensor:

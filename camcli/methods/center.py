@@ -18,17 +18,22 @@ of its height.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CamContext, CamMethod
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 SIGMA_FRACTION = 0.25  # sigma as a fraction of each side (see the module docstring)
 
 
 def centered_gaussian(height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
     """(height, width) Gaussian with peak 1 at the image centre, sigma = side / 4."""
+    import torch
+
     ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5 - height / 2) / (SIGMA_FRACTION * height)
     xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5 - width / 2) / (SIGMA_FRACTION * width)
     return torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))

@@ -10,10 +10,13 @@ and ReLU6 networks; rendered like guided backprop.
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import InputGradientMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register

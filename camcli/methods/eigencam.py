@@ -11,11 +11,13 @@ the engine then keeps the positive part, as for every CAM.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CamContext, CamMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register
@@ -28,6 +30,8 @@ class EigenCAM(CamMethod):
     cost = "1 forward + one SVD per image"
 
     def cam_map(self, ctx: CamContext) -> Tensor:
+        import torch
+
         acts = ctx.activations.float()
         batch, _, height, width = acts.shape
         matrix = acts.flatten(2).transpose(1, 2)  # (B, h*w, C)

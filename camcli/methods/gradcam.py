@@ -7,10 +7,13 @@ the target's logit y^c with respect to feature map A^k.
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CamContext, CamMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register

@@ -9,11 +9,13 @@ alpha is 0 where g is 0 (the paper's "if denominator is 0" case).
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CamContext, CamMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _EPS = 1e-7  # keeps the denominator away from 0 where sum(A) * g^3 = -2 g^2
 
@@ -29,6 +31,8 @@ class GradCAMPlusPlus(CamMethod):
     needs_gradient = True
 
     def weights(self, ctx: CamContext) -> Tensor:
+        import torch
+
         g = ctx.gradients
         assert g is not None
         g2 = g.pow(2)

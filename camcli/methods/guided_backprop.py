@@ -10,12 +10,13 @@ not, module or functional); the engine refuses models with other activations.
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import InputGradientMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register
@@ -30,6 +31,8 @@ class GuidedBackprop(InputGradientMethod):
     @staticmethod
     def rectifier_backward(grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
         """relu(grad_out) * 1[lo < x < hi], with aten's fused masks (3x fewer passes)."""
+        import torch
+
         positive = grad_out.relu()
         if math.isinf(hi):
             return torch.ops.aten.threshold_backward(positive, x, lo)  # where x > lo

@@ -6,10 +6,13 @@ map upsampled to the input resolution.
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CombinedMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register

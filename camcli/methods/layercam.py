@@ -8,10 +8,13 @@ layers, where the spatial mean of Grad-CAM washes out. Fuse layers with `--layer
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CamContext, CamMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register

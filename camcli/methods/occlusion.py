@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from camcli.errors import UsageError
+from camcli.errors import OptionError, UsageError
 from camcli.methods import register
 from camcli.methods.base import ModelContext, PerturbationMethod
 
@@ -84,13 +84,17 @@ class Occlusion(PerturbationMethod):
     ) -> None:
         stride = max(1, patch // 2) if stride is None else stride  # default: patches overlap by half
         if patch < 1 or stride < 1:
-            raise UsageError(f"--patch and --stride must be at least 1, not {patch} and {stride}")
+            raise OptionError(
+                f"{{patch}} and {{stride}} must be at least 1, not {patch} and {stride}", "patch", "stride"
+            )
         if stride > patch:
-            raise UsageError(f"--stride {stride} is larger than --patch {patch}: some pixels would never be occluded")
+            raise OptionError(
+                f"{{stride}} {stride} is larger than {{patch}} {patch}: some pixels would never be occluded",
+                "stride",
+                "patch",
+            )
         if isinstance(fill, str) and fill not in ("mean", "blur"):
-            raise UsageError(f"--occlusion-fill must be mean, blur or R,G,B, not {fill!r}")
-        if occlusion_target not in TARGETS:
-            raise UsageError(f"--occlusion-target must be one of {', '.join(TARGETS)}, not {occlusion_target!r}")
+            raise OptionError(f"{{fill}} must be mean, blur or R,G,B, not {fill!r}", "fill")
         self.patch = patch
         self.stride = stride
         self.fill = fill  # "mean", "blur", or a colour in normalised input units
@@ -101,11 +105,12 @@ class Occlusion(PerturbationMethod):
     def baseline(self, inputs: Tensor) -> Tensor:
         """What an occluded pixel is replaced with, (B, 3, H, W)."""
         import torch
-        from torchvision.transforms.functional import gaussian_blur
 
         if self.fill == "mean":
             return torch.zeros_like(inputs)
         if self.fill == "blur":  # sigma = patch / 4: the patch's content is gone, its colours stay
+            from torchvision.transforms.functional import gaussian_blur
+
             sigma = max(self.patch / 4, 0.5)
             kernel = min(2 * round(3 * sigma) + 1, 2 * (min(inputs.shape[-2:]) // 2) - 1)
             return gaussian_blur(inputs, [kernel, kernel], [sigma, sigma])

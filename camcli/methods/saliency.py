@@ -8,10 +8,13 @@ Every activation keeps its own backward, so any differentiable model qualifies.
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import InputGradientMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register

@@ -15,12 +15,13 @@ non-constant channels with the largest mean activation of each image are scored
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CamContext, CamMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @register
@@ -40,6 +41,9 @@ class ScoreCAM(CamMethod):
         self.align_corners = align_corners
 
     def weights(self, ctx: CamContext) -> Tensor:
+        import torch
+        import torch.nn.functional as F
+
         acts = ctx.activations
         batch, channels = acts.shape[:2]
         size = ctx.inputs.shape[-2:]

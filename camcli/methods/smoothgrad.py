@@ -10,12 +10,14 @@ the device from a seeded generator (same input, same map) and run in chunks of
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from camcli.errors import UsageError
+from camcli.errors import OptionError
 from camcli.methods import register
 from camcli.methods.saliency import Saliency
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SEED = 0
 
@@ -32,13 +34,15 @@ class SmoothGrad(Saliency):
 
     def __init__(self, samples: int = 25, noise: float = 0.15) -> None:
         if samples < 1:
-            raise UsageError(f"--samples must be at least 1, not {samples}")
+            raise OptionError(f"{{samples}} must be at least 1, not {samples}", "samples")
         if not noise >= 0:
-            raise UsageError(f"--noise must be a fraction >= 0 of the input range, not {noise}")
+            raise OptionError(f"{{noise}} must be a fraction >= 0 of the input range, not {noise}", "noise")
         self.samples = samples
         self.noise = noise
 
     def inputs_for(self, inputs: Tensor) -> Tensor:
+        import torch
+
         generator = torch.Generator(device=inputs.device).manual_seed(SEED)
         flat = inputs.flatten(1)
         sigma = self.noise * (flat.amax(1) - flat.amin(1))  # (B,)

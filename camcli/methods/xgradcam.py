@@ -8,10 +8,13 @@ conservation axioms. A channel whose activations sum to 0 gets weight 0 (the eps
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CamContext, CamMethod
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _EPS = 1e-7  # as in the authors' code: sum(A) = 0 gives weight 0, not NaN
 

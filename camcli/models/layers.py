@@ -68,7 +68,7 @@ def trace_forward(
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(1, spec.channels, spec.size, spec.size, generator=generator).to(device)
     try:
@@ -78,7 +78,8 @@ def trace_forward(
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        for module, mode in modes:  # each module's own flag: model.train(x) would set them all alike
+            module.training = mode
     logits = select_logits(output, output_key)
     raw = raw_output(output, output_key)
     binary = raw.ndim == 1 or raw.shape[-1] == 1

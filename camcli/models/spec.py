@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,11 +79,16 @@ class LoadedModel:
         return f"class {index}"
 
 
-def imagenet_categories() -> list[str]:
-    """The 1,000 ImageNet class names in torchvision's order (static metadata: no download)."""
-    import torchvision
+@cache
+def _imagenet_categories() -> tuple[str, ...]:
+    data = files("camcli.models").joinpath("data/imagenet_categories.json").read_text(encoding="utf-8")
+    return tuple(json.loads(data)["categories"])
 
-    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+
+def imagenet_categories() -> list[str]:
+    """The 1,000 ImageNet class names in torchvision's order, from the copy shipped in
+    camcli (data/imagenet_categories.json, BSD-3-Clause): no torchvision import."""
+    return list(_imagenet_categories())
 
 
 def default_input() -> InputSpec:

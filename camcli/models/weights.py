@@ -12,13 +12,16 @@ import pickle
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import WeightsEnum
 
 from camcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
 
 
 def cached_state_dict(member: WeightsEnum) -> dict[str, Tensor]:

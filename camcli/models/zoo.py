@@ -34,6 +34,12 @@ class ModelSource:
         and takes ``trust_remote_code=True`` as a keyword."""
         raise NotImplementedError
 
+    def categories(self, model: str, weights: str | None) -> list[str] | None:
+        """The class names `load` will give, read from metadata without building the model
+        (so a bad `--target` name is refused before anything is loaded or created); None
+        where only the built model can tell."""
+        return None
+
     def names(self) -> list[str]:
         """The names `camcli models` lists for this family (may be empty)."""
         return []
@@ -63,10 +69,22 @@ def sources() -> list[ModelSource]:
 
 
 def source_for(model: str) -> ModelSource:
+    """The first source claiming `model`. Modules are imported one at a time and asked as
+    they come, so the embedded default never imports torchvision's source (and torchvision)."""
+    for module in _SOURCES:
+        importlib.import_module(f"camcli.models.sources.{module}")
+        for source in _REGISTRY:
+            if not source.catch_all and source.claims(model):
+                return source
     for source in sources():
         if source.claims(model):
             return source
     raise UsageError(f"unknown model {model!r}; `camcli models` lists them")  # pragma: no cover - catch-all
+
+
+def known_categories(name: str, weights: str | None) -> list[str] | None:
+    """`ModelSource.categories` of the source serving `name` (None: known once loaded)."""
+    return source_for(name).categories(name, weights)
 
 
 def list_models() -> list[str]:

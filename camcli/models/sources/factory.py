@@ -26,12 +26,17 @@ class FactorySource(ModelSource):
         module_name, _, attr = model.partition(":")
         if not module_name or not attr:
             raise UsageError(f"--model {model!r}: expected package.module:factory")
-        if os.getcwd() not in sys.path:  # the user's own modules live where they run camcli
-            sys.path.insert(0, os.getcwd())
+        here = os.getcwd()
+        added = here not in sys.path  # the user's own modules live where they run camcli
+        if added:  # for this import only: the caller's sys.path is left as it was
+            sys.path.insert(0, here)
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
             raise UsageError(f"--model {model}: cannot import ({exc})") from None
+        finally:
+            if added and here in sys.path:
+                sys.path.remove(here)
         try:
             net = factory()
         except Exception as exc:  # noqa: BLE001 - the user's code: report, don't crash

@@ -21,6 +21,9 @@ class Lite0Source(ModelSource):
     def names(self) -> list[str]:
         return [DEFAULT_MODEL]
 
+    def categories(self, model: str, weights: str | None) -> list[str] | None:
+        return imagenet_categories()  # the head has ImageNet's 1,000 classes whatever the weights
+
     def load(self, model: str, weights: str | None) -> LoadedModel:
         net = EfficientNetLite0()
         spec = InputSpec(LITE0_INPUT_SIZE, LITE0_MEAN, LITE0_STD, "bicubic")

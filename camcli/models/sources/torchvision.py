@@ -40,6 +40,14 @@ class TorchvisionSource(ModelSource):
     def names(self) -> list[str]:
         return torchvision_model_names()
 
+    def categories(self, model: str, weights: str | None) -> list[str] | None:
+        choice = weights or "DEFAULT"
+        if model not in torchvision_model_names() or is_weights_path(choice):
+            return None  # an unknown name fails in load; a file may bring its own head
+        enum = torchvision.models.get_model_weights(model)
+        member = enum.DEFAULT if choice.lower() == "none" else _weights_member(enum, choice)
+        return list(member.meta["categories"])
+
     def load(self, model: str, weights: str | None) -> LoadedModel:
         known = torchvision_model_names()
         if model not in known:

@@ -1,0 +1,9 @@
+"""Names of choices that option help text lists, kept where importing costs nothing.
+
+`camcli --help` must not import torch: a choice list that help shows and whose module
+is heavy (metrics needs torch) is defined here and imported by that module.
+"""
+
+from __future__ import annotations
+
+SUBSTRATES = ("zero", "blur", "mean")  # what deletion puts in place of removed pixels (camcli.metrics)

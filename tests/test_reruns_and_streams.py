@@ -1,0 +1,174 @@
+"""Re-runs keep finished work; stdin is streamed; a full disk stops cleanly and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from camcli.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "tiny_models:brightness", "--mean", "0,0,0", "--std", "1,1,1", "--input-size", "32"]
+runner = CliRunner()
+
+
+def invoke(*args: str, stdin: str | None = None):
+    return runner.invoke(app, ["explain", *args], input=stdin)
+
+
+def files(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+
+
+def named(out: Path) -> set[str]:
+    """Every file the JSONs in `out` name, and the JSONs."""
+    names = set()
+    for path in out.rglob("*.json"):
+        record = json.loads(path.read_text())
+        names.add(str(path.relative_to(out)))
+        folder = path.parent.relative_to(out)
+        for e in record["explanations"]:
+            names |= {str(folder / n) for n in (e["overlay"], e["heatmap"]) if n}
+    return names
+
+
+@pytest.fixture
+def images(tmp_path: Path, samples_dir: Path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("skimage_chelsea.png", "skimage_coffee.png"):
+        shutil.copy(samples_dir / name, folder / name)
+    return folder
+
+
+def test_a_rerun_with_another_method_adds_it_and_keeps_the_first(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke(str(images), "-o", str(out), "-m", "gradcam", *TINY).exit_code == 0
+    first = (out / "skimage_chelsea.png.gradcam.png").stat().st_mtime_ns
+    result = invoke(str(images), "-o", str(out), "-m", "gradcam,saliency", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "2 explained" in result.stderr
+    record = json.loads((out / "skimage_chelsea.png.json").read_text())
+    assert [e["method"] for e in record["explanations"]] == ["gradcam", "saliency"]
+    assert record["request"]["methods"] == ["gradcam", "saliency"]
+    assert (out / "skimage_chelsea.png.gradcam.png").stat().st_mtime_ns == first  # not redone
+    assert files(out) == named(out)
+    # a third run asking a subset: nothing left to do
+    result = invoke(str(images), "-o", str(out), "-m", "saliency", *TINY)
+    assert result.exit_code == 0 and "0 explained, 2 already done" in result.stderr
+
+
+def test_a_replaced_result_leaves_no_orphan_file(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke(str(images), "-o", str(out), "-m", "gradcam,saliency", "--save-heatmap", *TINY).exit_code == 0
+    result = invoke(str(images), "-o", str(out), "-m", "cam", "--overwrite", *TINY)
+    assert result.exit_code == 0, result.output
+    assert files(out) == named(out)
+    assert not list(out.glob("*.gradcam.*")) and not list(out.glob("*.npy"))
+    # a changed request (another target) redoes the image and drops the old files too
+    assert invoke(str(images), "-o", str(out), "-m", "cam", "-k", "2", *TINY).exit_code == 0
+    assert files(out) == named(out)
+
+
+def test_nothing_to_do_skips_loading_the_model(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert invoke(str(images), "-o", str(out), *TINY).exit_code == 0
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    code = (
+        "import sys; sys.argv=['camcli', *sys.argv[1:]]\n"
+        "from camcli.entry import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "explain", str(images), "-o", str(out), *TINY],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.split() == ["0", "False"], proc.stderr
+    assert "0 explained, 2 already done" in proc.stderr
+
+
+def test_a_missing_path_on_stdin_is_an_error_record_and_the_rest_is_explained(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    good = images / "skimage_chelsea.png"
+    result = invoke("-", "-o", str(out), "--jsonl", *TINY, stdin=f"{good}\n{tmp_path / 'missing.jpg'}\n")
+    assert result.exit_code == 1, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["error"] is None for r in records] == [True, False]
+    assert "missing.jpg" in records[1]["image"] and "No such file" in records[1]["error"]
+
+
+def test_paths_on_stdin_are_explained_as_they_come(images: Path, tmp_path: Path) -> None:
+    """The first image's line comes out while the producer still holds the second path."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "camcli", "explain", "-", "-o", str(out), "--jsonl", "-b", "4", *TINY],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(f"{images / 'skimage_chelsea.png'}\n")
+    proc.stdin.flush()
+    start = time.monotonic()
+    first = json.loads(proc.stdout.readline())  # before stdin is closed
+    assert first["error"] is None and time.monotonic() - start < 60
+    proc.stdin.write(f"{images / 'skimage_coffee.png'}\n")
+    proc.stdin.close()
+    second = json.loads(proc.stdout.readline())
+    assert second["image"].endswith("skimage_coffee.png")
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_with_one_line_and_resumes(images: Path, small_disk: Path, tmp_path: Path) -> None:
+    method = ["-m", "gradcam,saliency", "-b", "1", *TINY]
+    reference = tmp_path / "reference"
+    assert invoke(str(images), "-o", str(reference), *method).exit_code == 0
+    first = sum(p.stat().st_size for p in reference.glob("skimage_chelsea.png*"))
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (free - first - 64 * 1024))  # room for the first image's outputs only
+    out = small_disk / "out"
+    args = [str(images), "-o", str(out), *method]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if "No space left" in line]
+    assert len(lines) == 1 and str(out) in lines[0], result.stderr
+    assert "disk is full" in result.stderr
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+    assert (out / "skimage_chelsea.png.json").is_file() and not (out / "skimage_coffee.png.json").exists()
+    assert files(out) == named(out)  # the image that failed left none of its files
+    filler.unlink()
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "1 explained, 1 already done" in result.stderr
+    assert files(out) == named(out)
