@@ -30,7 +30,7 @@ from camcli.io import (
     encode_image,
     json_text,
 )
-from camcli.methods import list_methods, parse_methods
+from camcli.methods import added_by_all, list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
 from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
@@ -280,7 +280,13 @@ def _explain(**opts: Any) -> int:
     layer = layers[0]
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
-    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"])
+    explainer = Explainer(
+        loaded.model, layers, methods, chunk_size=opts["chunk_size"], optional=added_by_all(opts["method"])
+    )
+    methods = explainer.methods
+    if explainer.skipped:
+        skipped = "; ".join(f"{name} ({why})" for name, why in explainer.skipped)
+        stderr.print(f"camcli: -m all: skipped {skipped}", markup=False, soft_wrap=True)
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
         return ExitCode.IMAGE_FAILED
@@ -307,6 +313,8 @@ def _explain(**opts: Any) -> int:
             "substrate": metric_options.substrate,
             "boxes": None if box_index is None else box_index.source,
         }
+    if explainer.skipped:  # -m all: what did not apply to this model, and why
+        request["skipped_methods"] = [{"method": name, "reason": why} for name, why in explainer.skipped]
     if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
         request["grid"] = True
     method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}

@@ -288,6 +288,8 @@ class ExplainRun:
                 record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
             if e["channels"] is not None:
                 record["explanations"][-1]["channels"] = [int(c) for c in e["channels"][i]]
+            if e["layout"] is not None:  # a layer method: the grid it was computed on and how it was read
+                record["explanations"][-1]["grid"], record["explanations"][-1]["layout"] = e["grid"], e["layout"]
         if self.options.grid:
             record["grid"] = f"{name}.grid.png"
         return record
@@ -413,6 +415,8 @@ def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor] | None]
                 if metrics is None or metrics[n] is None
                 else {k: v.cpu().numpy() for k, v in metrics[n].items()},
                 "channels": None if e.channels is None else e.channels.cpu().numpy(),
+                "layout": e.layout,
+                "grid": None if e.layout is None else [int(v) for v in e.maps.shape[-2:]],
             }
         )
     return {
