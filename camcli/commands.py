@@ -28,8 +28,8 @@ from camcli.models import (
     timm_cached_weights,
     trace_forward,
 )
-from camcli.models.sources.timm import timm_available
 from camcli.models.layouts import Layout
+from camcli.models.sources.timm import timm_available
 from camcli.models.sources.torchvision import torchvision_model_names
 
 # --- methods ----------------------------------------------------------------------------------
@@ -197,7 +197,9 @@ def format_layers(
     shown = [r for r in rows if max_depth is None or r.depth < max_depth or r.auto]
     width = max((2 * r.depth + len(r.name) for r in shown), default=10)
     type_width = max((len(r.type) for r in shown), default=4)
-    shape_width = max((len(_shape(r.shape) + (f" x{r.calls}" if r.calls > 1 else "")) for r in shown if r.shape), default=1)
+    shape_width = max(
+        (len(_shape(r.shape) + (f" x{r.calls}" if r.calls > 1 else "")) for r in shown if r.shape), default=1
+    )
     lines = [f"{model_name}: logits {_shape(logits)}; --layer auto = {auto}"]
     for r in shown:
         shape = (_shape(r.shape) if r.shape is not None else "-") + (f" x{r.calls}" if r.calls > 1 else "")

@@ -148,7 +148,9 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def capture(module: nn.Module, as_consumed: bool, track_grad: bool, layout: Layout = NCHW_DEFAULT) -> Iterator[dict[str, Tensor]]:
+def capture(
+    module: nn.Module, as_consumed: bool, track_grad: bool, layout: Layout = NCHW_DEFAULT
+) -> Iterator[dict[str, Tensor]]:
     """Hook `module` and keep its output under ``"activation"`` as it left the module.
 
     With `track_grad` the output is cut from the graph and made a leaf that requires

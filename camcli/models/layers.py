@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,7 +51,7 @@ class ForwardTrace:
 
 
 # Never auto: attention internals, embeddings and stems (the first layers, not what the head reads).
-_SKIPPED_CLASS = re.compile(r"(attention|attn)\d*(v\d)?$|embed|stem", re.IGNORECASE)
+_SKIPPED_CLASS = re.compile(r"^(?!.*block).*((attention|attn)\d*(v\d)?$|embed|stem)", re.IGNORECASE)
 _SKIPPED_NAME = {"attn", "attention", "self_attention", "self_attn", "cross_attn", "patch_embed", "stem"}
 _SKIPPED_NAME |= {"embeddings", "conv_proj", "pos_embed", "pos_drop", "patch_drop"}
 
@@ -106,6 +106,14 @@ def trace_forward(model: nn.Module, spec: InputSpec, device: torch.device, keep:
     hints = model_hints(model)
     size = (spec.size, spec.size)
     layouts = [detect(tuple(out.shape), size, 1, hints, modules[name]) for name, out, _ in calls]
+    if hints.prefix is None:  # the model does not say: the prefix every unambiguous token layer has
+        seen = {layout.prefix for layout in layouts if isinstance(layout, Layout) and layout.kind == "tokens"}
+        if len(seen) == 1:
+            evidence = replace(hints, prefix=seen.pop())
+            layouts = [
+                detect(tuple(out.shape), size, 1, evidence, modules[name]) if isinstance(layout, str) else layout
+                for (name, out, _), layout in zip(calls, layouts, strict=True)
+            ]
     source = next((i for i, o in reversed(features) if o is logits), logits)
     reaches = _gradient_reaches(source, calls, layouts)
     detached = [(name, out.detach(), version) for name, out, version in calls]

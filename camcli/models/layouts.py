@@ -181,12 +181,17 @@ def detect(
                 continue
             if _ambiguous_prefix(count, p, input_size, hints):
                 return f"{where}: tokens with {p} or another number of leading tokens; refused rather than guessed"
-            if token_grid(channels, input_size) is not None and not isinstance(module, (nn.Linear, nn.LayerNorm)):
+            confirmed = p == hints.prefix or (
+                hints.patch is not None and grid == (input_size[0] // hints.patch, input_size[1] // hints.patch)
+            )
+            channels_last = isinstance(module, (nn.Linear, nn.LayerNorm))
+            if not (confirmed or channels_last) and token_grid(channels, input_size) is not None:
                 return f"{where}: reads as (B, N, C) or (B, C, N) and nothing tells which; refused rather than guessed"
             stride = _same_stride(input_size, grid) or 1
             return Layout("tokens", grid, p, float(stride))
         return f"{where}: its tokens form no grid of the input"
-    return f"{where}: a {len(shape)}-D tensor is no spatial map (a vector or an attention internal)"
+    kind = "a vector" if len(shape) <= 2 else "not a map"
+    return f"{where}: a {len(shape)}-D tensor is no spatial map ({kind})"
 
 
 def _ambiguous_prefix(count: int, prefix: int, input_size: tuple[int, int], hints: Hints) -> bool:
