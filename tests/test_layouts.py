@@ -185,7 +185,7 @@ def _torchvision_cases() -> list:
             kwargs = {"aux_logits": False, "init_weights": True}
             size = 75 if name == "inception_v3" else 64
         case = (name, kwargs, size, kind, prefix)  # swin: torchvision permutes its NHWC norm to NCHW to pool
-        fast = name in {"resnet18", "mobilenet_v3_small", "vit_b_16", "swin_t"}
+        fast = name in {"resnet18", "mobilenet_v3_small"}  # vit_b_16, swin_t: the -m all tests below
         cases.append(pytest.param(*case, id=name, marks=() if fast else pytest.mark.slow))
     return cases
 
