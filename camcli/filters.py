@@ -28,6 +28,7 @@ from torchvision.transforms.functional import gaussian_blur
 from camcli.engine import frozen
 from camcli.errors import UsageError
 from camcli.models import InputSpec, LayerInfo
+from camcli.models.layouts import NCHW_DEFAULT, Layout
 from camcli.render import tile_grid
 
 
@@ -54,8 +55,8 @@ def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
     store: dict[str, Tensor] = {}
 
     def hook(_: nn.Module, __: object, output: object) -> None:
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise UsageError("the layer must output one (B, C, H, W) tensor")
+        if not isinstance(output, Tensor) or output.ndim not in (3, 4):
+            raise UsageError("the layer must output one NCHW, NHWC or token tensor")
         store["activation"] = output
         raise _Reached
 
@@ -84,8 +85,10 @@ def maximise_channels(
     channels: Tensor,
     spec: InputSpec,
     options: AscentOptions = AscentOptions(),  # noqa: B008 - frozen dataclass
+    layout: Layout = NCHW_DEFAULT,
 ) -> Tensor:
-    """(N, 3, S, S) images in [0, 1], image i maximising the mean of `channels[i]`."""
+    """(N, 3, S, S) images in [0, 1], image i maximising the mean of `channels[i]` (the layer
+    read as (B, C, h, w) by its detected `layout`)."""
     modules = dict(model.named_modules())
     if layer not in modules:
         raise UsageError(f"no layer named {layer!r} in the model (`camcli layers` lists them)")
@@ -105,7 +108,8 @@ def maximise_channels(
             dy, dx = torch.randint(-options.jitter, options.jitter + 1, (2,), generator=generator, device=device)
             shifted = torch.roll(image, (int(dy), int(dx)), dims=(2, 3))
             with torch.enable_grad():
-                acts = layer_output(model, modules[layer], (shifted - mean) / std)
+                raw = layer_output(model, modules[layer], (shifted - mean) / std)
+                acts = layout.to_map(raw, (options.size, options.size))
                 objective = acts[rows, channels].mean(dim=(1, 2)).sum()
                 (gradient,) = torch.autograd.grad(objective, image)
             image.grad = -gradient  # ascent
@@ -142,7 +146,8 @@ def _rgb(images: Tensor) -> np.ndarray:
 def filter_grid(model: nn.Module, layer: LayerInfo, spec: InputSpec, count: int, options: AscentOptions) -> np.ndarray:
     """The grid PNG of `camcli filters --layer`: channels 0..count-1, row by row."""
     channels = torch.arange(min(count, layer.channels))
-    return tile_grid(_rgb(stretch(maximise_channels(model, layer.name, channels, spec, options))))
+    images = maximise_channels(model, layer.name, channels, spec, options, layer.layout)
+    return tile_grid(_rgb(stretch(images)))
 
 
 def kernel_grid(model: nn.Module) -> np.ndarray:

@@ -157,6 +157,7 @@ TIMM_SLOW = [
     ("xcit_nano_12_p16_224", {}, 224, "tokens", 1),
     ("crossvit_tiny_240", {}, 240, "tokens", 1),
     ("cait_xxs24_224", {}, 224, "tokens", 1),
+    ("hiera_tiny_224", {}, 224, "tokens", 0),  # only its last stage is in raster order
 ]
 
 

@@ -115,6 +115,14 @@ def trace_forward(model: nn.Module, spec: InputSpec, device: torch.device, keep:
                 for (name, out, _), layout in zip(calls, layouts, strict=True)
             ]
     source = next((i for i, o in reversed(features) if o is logits), logits)
+    if hasattr(model, "unroll") and hasattr(model, "reroll"):  # timm Hiera: tokens unrolled but in the last stage
+        grids = [layout.grid for layout in layouts if isinstance(layout, Layout) and layout.kind == "tokens"]
+        layouts = [
+            f"{tuple(out.shape)}: Hiera's tokens are in unrolled order before its last stage, no raster grid"
+            if isinstance(layout, Layout) and layout.kind == "tokens" and grids and layout.grid != grids[-1]
+            else layout
+            for (_, out, _), layout in zip(calls, layouts, strict=True)
+        ]
     reaches = _gradient_reaches(source, calls, layouts)
     detached = [(name, out.detach(), version) for name, out, version in calls]
     return ForwardTrace(
