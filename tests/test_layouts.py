@@ -268,3 +268,43 @@ def test_cli_all_on_a_transformer_records_skips_grid_and_layout(tmp_path, sample
         + ["--input-size", "64", "-m", "guided-backprop", "-o", str(tmp_path / "b")],
     )
     assert refused.exit_code == 2
+
+
+# --- 5: Hugging Face transformers' shapes (tiny models built from a config) ------------------------
+
+
+class _Logits(nn.Module):
+    """A transformers classifier returning its logits tensor (what issue 12's `hf:` source adapts)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.config = net.config
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(pixel_values=x).logits
+
+
+def test_hugging_face_vit_and_swin_layouts() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            num_labels=5,
+        )
+    )
+    check_model(_Logits(vit), 32, "tokens", 1)
+    info = resolve_layer(_Logits(vit).eval(), "auto", InputSpec(32, (0.5,) * 3, (0.5,) * 3), CPU)
+    assert info.name.endswith(".1.layernorm_before"), info.name  # the last layer's first norm
+    swin = transformers.SwinForImageClassification(
+        transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=2, num_labels=5
+        )
+    )
+    check_model(_Logits(swin), 32, "tokens", 0)

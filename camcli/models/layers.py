@@ -21,6 +21,10 @@ POOLING_MODULES = (  # never a target layer: they pool features, they are not fe
     nn.MaxPool2d,
     nn.LPPool2d,
     nn.FractionalMaxPool2d,
+    nn.AdaptiveAvgPool1d,  # Hugging Face Swin's pooler over tokens
+    nn.AdaptiveMaxPool1d,
+    nn.AvgPool1d,
+    nn.MaxPool1d,
 )
 
 

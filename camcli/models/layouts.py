@@ -173,6 +173,8 @@ def detect(
         return readings[0]
     if len(shape) == 3:
         count, channels = shape[1], shape[2]
+        if channels == 1:
+            return f"{where}: one channel per token, a pooled vector rather than a map"
         prefixes = [hints.prefix] if hints.prefix is not None and hints.prefix <= count else []
         prefixes += [p for p in range(MAX_PREFIX + 1) if p != hints.prefix]
         for p in prefixes:
