@@ -485,7 +485,8 @@ def evaluate(
     opts.update(inputs=given["folder"], metrics=True, records=[])
     with _one_line_errors(debug):
         code = _explain(**opts)
-        summaries = summarise(opts["records"], [m.name for m in parse_methods(method)])
+        ran = opts["records"][0]["request"]["methods"] if opts["records"] else [m.name for m in parse_methods(method)]
+        summaries = summarise(opts["records"], ran)  # -m all: without the methods it skipped
         csv_path, json_path = write_summary(out, summaries, opts["records"][0]["request"] if opts["records"] else {})
     console = Console(highlight=False)
     if not console.is_terminal:  # a file or pipe gets the whole table, not an 80-column squeeze
