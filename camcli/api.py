@@ -25,7 +25,7 @@ import torch
 from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import UsageError
 from camcli.io import decode_image, encode_image, json_text
-from camcli.methods import list_methods, parse_methods
+from camcli.methods import added_by_all, list_methods, parse_methods
 from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layer
 from camcli.pipeline import _kept, _to_numpy, choose_score, image_record, preprocess
 from camcli.render import comparison_grid, gradient_image, heatmap_at_size, overlay
@@ -121,7 +121,14 @@ def explain(
     info = resolve_layer(loaded.model, layer, loaded.input, torch_device, output_key=loaded.output_key)
     check_labels(loaded, info.num_classes, "labels")
     spec = methods if isinstance(methods, str) else ",".join(methods)
-    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size, output_key=loaded.output_key)
+    explainer = Explainer(
+        loaded.model,
+        info,
+        parse_methods(spec),
+        chunk_size=chunk_size,
+        output_key=loaded.output_key,
+        optional=added_by_all(spec),
+    )
     target_spec = parse_target(
         None if target is None else str(target), topk, loaded.categories, info.num_classes, threshold
     )

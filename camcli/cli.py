@@ -29,7 +29,7 @@ from camcli.io import (
     no_images_message,
     stream_inputs,
 )
-from camcli.methods import list_methods, parse_methods
+from camcli.methods import added_by_all, list_methods, parse_methods
 from camcli.models.spec import DEFAULT_MODEL
 from camcli.render import COLORMAPS
 
@@ -469,7 +469,17 @@ def _explain(**opts: Any) -> int:
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes, opts["threshold"])
     score = choose_score(opts["score"], target.threshold is not None, layer.binary)
-    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"], output_key=output_key)
+    explainer = Explainer(
+        loaded.model,
+        layers,
+        methods,
+        chunk_size=opts["chunk_size"],
+        output_key=output_key,
+        optional=added_by_all(opts["method"]),
+    )
+    if explainer.skipped:
+        skipped = "; ".join(f"{name} ({why})" for name, why in explainer.skipped)
+        stderr.print(f"camcli: -m all: skipped {skipped}", markup=False, soft_wrap=True)
     if not opts["dry_run"]:  # only now: a usage error above leaves no empty folder behind
         check_writable(opts["out"])
     if box_index is not None and not streamed and not any(box_index.lookup(item) for item in items):
@@ -484,7 +494,10 @@ def _explain(**opts: Any) -> int:
         "layer": explainer.layer_name,
         "input": loaded.input.to_json(),
         **request,
+        "methods": [m.name for m in explainer.methods],
     }
+    if explainer.skipped:  # -m all: what did not apply to this model, and why
+        request["skipped_methods"] = [{"method": name, "reason": why} for name, why in explainer.skipped]
     options = RunOptions(
         out_dir=opts["out"],
         batch_size=opts["batch_size"],
@@ -754,7 +767,8 @@ def evaluate(
         from camcli.evaluate import summarise, table, write_summary
 
         code = _explain(**opts)
-        summaries = summarise(opts["records"], [m.name for m in parse_methods(method)])
+        ran = opts["records"][0]["request"]["methods"] if opts["records"] else [m.name for m in parse_methods(method)]
+        summaries = summarise(opts["records"], ran)  # -m all: without the methods it skipped
         csv_path, json_path = write_summary(out, summaries, opts["records"][0]["request"] if opts["records"] else {})
     console = Console(highlight=False)
     if not console.is_terminal:  # a file or pipe gets the whole table, not an 80-column squeeze

@@ -85,7 +85,7 @@ def model_entries(pattern: str | None = None) -> list[ModelEntry]:
 
     from camcli.models import timm_cached_weights
     from camcli.models.sources.timm import timm_available
-    from camcli.models.sources.torchvision import _UNSUPPORTED, torchvision_model_names
+    from camcli.models.sources.torchvision import torchvision_model_names
 
     def wanted(name: str, prefix: str = "") -> bool:
         return pattern is None or fnmatch.fnmatch(name, pattern) or (prefix and fnmatch.fnmatch(prefix + name, pattern))
@@ -102,8 +102,7 @@ def model_entries(pattern: str | None = None) -> list[ModelEntry]:
             {"name": member.name, "default": member is default, "cached": _checkpoint_cached(member.url)}
             for member in enum
         ]
-        note = "not supported yet (vision transformer)" if name.startswith(_UNSUPPORTED) else None
-        entries.append(ModelEntry(name, "torchvision", weights, note))
+        entries.append(ModelEntry(name, "torchvision", weights))
     if timm_available():
         import timm
 
@@ -161,6 +160,7 @@ class LayerRow:
     shape: list[int] | None  # output of the last call; None: not called or not one tensor
     calls: int
     auto: bool  # the layer `--layer auto` picks
+    layout: str | None = None  # how its output reads as a map ("NHWC 7x7", "tokens 1+196 -> 14x14"); None: no map
 
 
 def layer_rows(model: nn.Module, spec: InputSpec, device: torch.device) -> tuple[list[LayerRow], str, list[int]]:
@@ -169,16 +169,27 @@ def layer_rows(model: nn.Module, spec: InputSpec, device: torch.device) -> tuple
     The same trace feeds `resolve_layer`, so the marked layer is the one `explain` uses.
     """
     from camcli.models import resolve_layer, trace_forward
+    from camcli.models.layouts import Layout
 
     trace = trace_forward(model, spec, device)
     auto = resolve_layer(model, "auto", spec, device, trace=trace).name
     shapes: dict[str, list[int]] = {}
     calls: dict[str, int] = {}
-    for name, output, _ in trace.calls:
+    layouts: dict[str, str | None] = {}
+    for (name, output, _), layout in zip(trace.calls, trace.layouts, strict=True):
         shapes[name] = list(output.shape)
         calls[name] = calls.get(name, 0) + 1
+        layouts[name] = layout.describe() if isinstance(layout, Layout) else None
     rows = [
-        LayerRow(name, type(module).__name__, name.count("."), shapes.get(name), calls.get(name, 0), name == auto)
+        LayerRow(
+            name,
+            type(module).__name__,
+            name.count("."),
+            shapes.get(name),
+            calls.get(name, 0),
+            name == auto,
+            layouts.get(name),
+        )
         for name, module in model.named_modules()
         if name
     ]
@@ -191,12 +202,16 @@ def format_layers(
     shown = [r for r in rows if max_depth is None or r.depth < max_depth or r.auto]
     width = max((2 * r.depth + len(r.name) for r in shown), default=10)
     type_width = max((len(r.type) for r in shown), default=4)
+    shape_width = max(
+        (len(_shape(r.shape) + (f" x{r.calls}" if r.calls > 1 else "")) for r in shown if r.shape), default=1
+    )
     lines = [f"{model_name}: logits {_shape(logits)}; --layer auto = {auto}"]
     for r in shown:
-        shape = _shape(r.shape) if r.shape is not None else "-"
-        repeat = f" x{r.calls}" if r.calls > 1 else ""
+        shape = (_shape(r.shape) if r.shape is not None else "-") + (f" x{r.calls}" if r.calls > 1 else "")
         mark = "  <- auto" if r.auto else ""
-        lines.append(f"{'  ' * r.depth + r.name:<{width}}  {r.type:<{type_width}}  {shape}{repeat}{mark}")
+        read = f"  {r.layout}" if r.layout else ""
+        line = f"{'  ' * r.depth + r.name:<{width}}  {r.type:<{type_width}}  {shape:<{shape_width}}{read}{mark}"
+        lines.append(line.rstrip())
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +44,7 @@ from camcli.methods import (
     get_method,
 )
 from camcli.models import LayerInfo
+from camcli.models.layouts import NCHW_DEFAULT, Layout
 from camcli.models.outputs import OutputKey, logits_model
 
 # Activation modules whose backward guided backprop does not define.
@@ -133,6 +134,7 @@ class Explanation:
     raw: Tensor | None = None  # CAM family, one layer: the map before ReLU and min-max, (B, h, w) float32
     valid: Tensor | None = None  # (B,) False where a sample has no target at this rank (-t positive)
     categorical: bool = False  # maps hold class indices (a label map, e.g. occlusion's winner), not heat
+    layout: str | None = None  # layer methods: how the layer was read, e.g. "tokens 1+196 -> 14x14"
 
     @property
     def is_gradient(self) -> bool:
@@ -195,8 +197,10 @@ def memory_format(model: nn.Module, layout: torch.memory_format) -> Iterator[Non
 
 
 @contextmanager
-def capture(module: nn.Module, as_consumed: bool, track_grad: bool) -> Iterator[dict[str, Tensor]]:
-    """Hook `module` and keep its output under ``"activation"``.
+def capture(
+    module: nn.Module, as_consumed: bool, track_grad: bool, layout: Layout = NCHW_DEFAULT
+) -> Iterator[dict[str, Tensor]]:
+    """Hook `module` and keep its output under ``"activation"`` as it left the module.
 
     With `track_grad` the output is cut from the graph and made a leaf that requires
     grad: nothing before it is recorded. If it already requires grad (an earlier
@@ -204,12 +208,16 @@ def capture(module: nn.Module, as_consumed: bool, track_grad: bool) -> Iterator[
     both. The model continues with a copy, so in-place ops downstream (ResNet's
     ``+=``, DenseNet's ``relu_``) never touch the leaf. With
     `as_consumed` the copy is kept instead: it ends up holding the tensor as pooled.
+    The stored tensor keeps the layer's own layout (NCHW, NHWC or tokens); `read_map`
+    reads it, and its gradient, as (B, C, h, w).
     """
     store: dict[str, Tensor] = {}
+    ndim = 3 if layout.kind == "tokens" else 4
 
     def hook(_: nn.Module, __: Any, output: Any) -> Tensor:
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise UsageError("the target layer must output one (B, C, H, W) tensor")
+        if not isinstance(output, Tensor) or output.ndim != ndim:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise UsageError(f"the target layer output {shape}, not the {layout.describe()} map it had on the probe")
         source = output.detach().requires_grad_(True) if track_grad and not output.requires_grad else output
         passed = source.clone()
         store["activation"] = passed if as_consumed else source
@@ -231,8 +239,8 @@ def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
     store: dict[str, Tensor] = {}
 
     def hook(_: nn.Module, __: object, output: object) -> None:
-        if not isinstance(output, Tensor) or output.ndim != 4:
-            raise UsageError("the layer must output one (B, C, H, W) tensor")
+        if not isinstance(output, Tensor) or output.ndim not in (3, 4):
+            raise UsageError("the layer must output one NCHW, NHWC or token tensor")
         store["activation"] = output
         raise _Reached
 
@@ -241,6 +249,14 @@ def _stop_at(module: nn.Module) -> Iterator[dict[str, Tensor]]:
         yield store
     finally:
         handle.remove()
+
+
+def read_map(tensor: Tensor, info: LayerInfo, inputs: Tensor) -> Tensor:
+    """A captured activation or its gradient as (B, C, h, w), by the layer's detected layout."""
+    try:
+        return info.layout.to_map(tensor, (int(inputs.shape[-2]), int(inputs.shape[-1])))
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"layer {info.name!r}: cannot read its output as {info.layout.describe()} ({exc})") from None
 
 
 def layer_output(model: nn.Module, module: nn.Module, inputs: Tensor) -> Tensor:
@@ -339,7 +355,10 @@ class Explainer:
         chunk_size: int = 32,
         channels_last: bool = True,
         output_key: OutputKey = None,
+        optional: Collection[str] = (),
     ) -> None:
+        """`optional` names methods (those `-m all` added) that are skipped, with the reason in
+        `skipped`, where they do not apply; any other method that does not apply raises."""
         self.model = model
         self.net = logits_model(model, output_key)  # calls return logits (camcli.models.outputs)
         self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
@@ -347,7 +366,7 @@ class Explainer:
             raise UsageError("no layer given")
         self.layer = self.layers[0]
         self.layer_name = ",".join(info.name for info in self.layers)
-        self.methods = list(methods)
+        self.layout = ", ".join(info.layout.describe() for info in self.layers)
         self.chunk_size = chunk_size
         # channels_last changes only the layout of the 4-D weights and inputs, never a value:
         # oneDNN's convolutions run without reorders, 0.55x (Lite0) to 0.85x (resnet50) the
@@ -360,6 +379,21 @@ class Explainer:
         self.module = self.modules[0]
         self._heads = [modules[info.head] if info.head is not None else None for info in self.layers]
         self._head = self._heads[0]
+        self.skipped: list[tuple[str, str]] = []  # (method, why): optional methods that do not apply
+        if self._layer_image_many(methods):
+            raise UsageError(f"{self._layer_image_many(methods)} shows one layer; name one with --layer")
+        kept = []
+        for method in methods:
+            reason = self._not_applicable(method)
+            if reason is None:
+                kept.append(method)
+            elif method.name in optional:
+                self.skipped.append((method.name, reason))
+            else:
+                raise MethodNotApplicable(reason)
+        if not kept:
+            raise MethodNotApplicable("; ".join(f"{name}: {why}" for name, why in self.skipped))
+        self.methods = kept
         wanted = {m.name: m for m in self.methods}
         for method in self.methods:
             if isinstance(method, CombinedMethod):
@@ -370,24 +404,33 @@ class Explainer:
         self._perturbation = [m for m in wanted.values() if isinstance(m, PerturbationMethod)]
         self._layer_image = [m for m in wanted.values() if isinstance(m, LayerImageMethod)]
         self._attention = [m for m in wanted.values() if isinstance(m, AttentionMethod)]
-        self._check_applicable()
         self._transformer = _transformer_for(model, self._attention)
+        self._output_key = output_key
 
-    def _check_applicable(self) -> None:
-        for method in self._cam:
+    def _layer_image_many(self, methods: Sequence[Method]) -> str | None:
+        named = [m.name for m in methods if isinstance(m, LayerImageMethod)]
+        return named[0] if named and len(self.layers) > 1 else None
+
+    def _not_applicable(self, method: Method) -> str | None:
+        """Why `method` cannot explain this model at these layers, or None if it can."""
+        if isinstance(method, CombinedMethod):
+            for name in method.requires:
+                reason = self._not_applicable(get_method(name))
+                if reason is not None:
+                    return reason.replace(f"{name} ", f"{method.name} ", 1)
+            return None
+        if isinstance(method, CamMethod) and method.needs_linear_head:
             for info in self.layers:
-                if method.needs_linear_head and info.head is None:
-                    raise MethodNotApplicable(
+                if info.head is None:
+                    return (
                         f"{method.name} needs a global-average-pool + linear head fed by layer "
                         f"{info.name!r}, which this model does not have (use gradcam instead)"
                     )
-        if self._layer_image and len(self.layers) > 1:
-            raise OptionError(f"{self._layer_image[0].name} shows one layer; name one with {{layer}}", "layer")
-        guided = [m for m in self._gradient if m.rectifier_backward is not None]
-        if guided:
+        if isinstance(method, InputGradientMethod) and method.rectifier_backward is not None:
             for name, module in self.model.named_modules():
                 if isinstance(module, _NON_RECTIFIER_MODULES):
-                    raise _not_rectifier(guided[0].name, f"{type(module).__name__} ({name})")
+                    return str(_not_rectifier(method.name, f"{type(module).__name__} ({name})"))
+        return None
 
     def with_methods(self, methods: Sequence[Method]) -> Explainer:
         """The same model and layers with other methods (a re-run's missing ones)."""
@@ -397,6 +440,7 @@ class Explainer:
             methods,
             chunk_size=self.chunk_size,
             channels_last=self.memory_format is torch.channels_last,
+            output_key=self._output_key,
         )
         other._in_session = self._in_session
         return other
@@ -458,12 +502,13 @@ class Explainer:
         track_grad = any(m.needs_gradient for m in self._cam)
         with ExitStack() as stack:
             stores = [
-                stack.enter_context(capture(module, info.as_consumed, track_grad))
+                stack.enter_context(capture(module, info.as_consumed, track_grad, info.layout))
                 for module, info in zip(self.modules, self.layers, strict=True)
             ]
             with torch.set_grad_enabled(track_grad):
                 logits = self.net(inputs)
-        activations = [store["activation"] for store in stores]
+        captured = [store["activation"] for store in stores]  # each in its layer's own layout
+        activations = [read_map(a, info, inputs) for a, info in zip(captured, self.layers, strict=True)]
         targets = target.resolve(logits)
         for method in self._layer_image:
             acts = activations[0].detach()
@@ -479,18 +524,18 @@ class Explainer:
                     rank_targets,
                     maps.view_as(tiles),
                     flat.view(tiles.shape[:2]).all(1),
-                    channels,
+                    channels=channels,
+                    layout=self.layout,
                 )
         for rank, rank_targets in enumerate(targets):
             gradients: Sequence[Tensor | None] = [None] * len(activations)
             if track_grad:
                 score = logits.gather(1, rank_targets[:, None]).sum()
-                gradients = torch.autograd.grad(
-                    score, activations, retain_graph=rank < len(targets) - 1, allow_unused=True
-                )
-                for info, gradient in zip(self.layers, gradients, strict=True):
+                found = torch.autograd.grad(score, captured, retain_graph=rank < len(targets) - 1, allow_unused=True)
+                for info, gradient in zip(self.layers, found, strict=True):
                     if gradient is None:
                         raise MethodNotApplicable(f"layer {info.name!r} does not influence the logits")
+                gradients = [read_map(g, info, inputs) for g, info in zip(found, self.layers, strict=True)]
             contexts = [
                 CamContext(
                     activations=acts.detach(),
@@ -509,7 +554,14 @@ class Explainer:
                     raw = [method.cam_map(ctx) for ctx in contexts]
                     maps, flat = _fuse([normalise(r.relu()) for r in raw])
                 results[method.name, rank] = Explanation(
-                    method.name, rank, self.layer_name, rank_targets, maps, flat, raw=_single_raw(raw)
+                    method.name,
+                    rank,
+                    self.layer_name,
+                    rank_targets,
+                    maps,
+                    flat,
+                    raw=_single_raw(raw),
+                    layout=self.layout,
                 )
         return logits.detach(), targets
 

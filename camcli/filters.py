@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported by the functions that compute: `camcli --
     from torch import Tensor, nn
 
     from camcli.models import InputSpec, LayerInfo
+    from camcli.models.layouts import Layout
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,17 @@ def maximise_channels(
     channels: Tensor,
     spec: InputSpec,
     options: AscentOptions = AscentOptions(),  # noqa: B008 - frozen dataclass
+    layout: Layout | None = None,
 ) -> Tensor:
-    """(N, 3, S, S) images in [0, 1], image i maximising the mean of `channels[i]`."""
+    """(N, 3, S, S) images in [0, 1], image i maximising the mean of `channels[i]` (the layer
+    read as (B, C, h, w) by its detected `layout`)."""
     import torch
     from torchvision.transforms.functional import gaussian_blur
 
     from camcli.engine import frozen, layer_output
+    from camcli.models.layouts import NCHW_DEFAULT
+
+    layout = layout or NCHW_DEFAULT
 
     modules = dict(model.named_modules())
     if layer not in modules:
@@ -77,7 +83,8 @@ def maximise_channels(
             dy, dx = torch.randint(-options.jitter, options.jitter + 1, (2,), generator=generator, device=device)
             shifted = torch.roll(image, (int(dy), int(dx)), dims=(2, 3))
             with torch.enable_grad():
-                acts = layer_output(model, modules[layer], (shifted - mean) / std)
+                raw = layer_output(model, modules[layer], (shifted - mean) / std)
+                acts = layout.to_map(raw, (options.size, options.size))
                 objective = acts[rows, channels].mean(dim=(1, 2)).sum()
                 (gradient,) = torch.autograd.grad(objective, image)
             image.grad = -gradient  # ascent
@@ -172,7 +179,8 @@ def filter_grid(model: nn.Module, layer: LayerInfo, spec: InputSpec, count: int,
     import torch
 
     channels = torch.arange(min(count, layer.channels))
-    return tile_grid(_rgb(stretch(maximise_channels(model, layer.name, channels, spec, options))))
+    images = maximise_channels(model, layer.name, channels, spec, options, layer.layout)
+    return tile_grid(_rgb(stretch(images)))
 
 
 def kernel_grid(model: nn.Module, dead: Sequence[int] = ()) -> np.ndarray:

@@ -614,6 +614,8 @@ def _to_numpy(
                 else {k: v.cpu().numpy() for k, v in metrics[n].items()},
                 "channels": None if e.channels is None else e.channels.cpu().numpy(),
                 "categorical": e.categorical,
+                "layout": e.layout,
+                "grid": None if e.layout is None else [int(v) for v in e.maps.shape[-2:]],
             }
         )
     return {
@@ -723,6 +725,8 @@ def image_record(
         if save_raw and e["raw"] is not None:
             raw = e["raw"][i]
             meta |= {"raw_heatmap": f"{stem}.raw.npy", "raw_min": float(raw.min()), "raw_max": float(raw.max())}
+        if e["layout"] is not None:  # a layer method: the grid it was computed on and how it was read
+            meta["grid"], meta["layout"] = e["grid"], e["layout"]
         if box_threshold is not None and e["channels"] is None and not e["categorical"] and e["maps"][i].ndim == 2:
             heat = heatmap_at_size(e["maps"][i], record["width"], record["height"])
             meta["boxes"] = map_boxes(heat, box_threshold)

@@ -61,7 +61,10 @@ def test_explain_samples_writes_documented_files(sample_run, samples_dir, sample
         assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
         assert [e["method"] for e in record["explanations"]] == ["cam", "gradcam", "guided-backprop"]
         for explanation in record["explanations"]:
-            assert set(explanation) == {"method", "layer", "target", "overlay", "heatmap", "warning"}
+            layer_fields = {"grid", "layout"} if explanation["layer"] is not None else set()
+            assert set(explanation) == {"method", "layer", "target", "overlay", "heatmap", "warning", *layer_fields}
+            if layer_fields:
+                assert explanation["grid"] == [7, 7] and explanation["layout"] == "NCHW 7x7"
             assert explanation["target"]["index"] == record["predictions"][0]["index"]
             assert explanation["warning"] is None
             overlay = cv2.imread(str(out / explanation["overlay"]))

@@ -181,7 +181,7 @@ def test_layer_typo_suggests_close_matches(typo: str) -> None:
 
 def test_named_layer_that_is_not_a_feature_map() -> None:
     resnet = loaded("resnet18")
-    with pytest.raises(UsageError, match="not a \\(B, C, H, W\\) feature map"):
+    with pytest.raises(UsageError, match="is no spatial map"):
         resolve_layer(resnet.model, "fc", resnet.input, CPU)
 
 

@@ -73,6 +73,14 @@ def parse_methods(spec: str, settings: Mapping[str, Any] | None = None) -> list[
     return [get_method(name, settings) for name in dict.fromkeys(names)]
 
 
+def added_by_all(spec: str) -> set[str]:
+    """The methods in `-m` that only `all` brought in: skipped, not refused, where they do not apply."""
+    names = [part.strip().lower() for part in spec.split(",") if part.strip()]
+    if "all" not in names:
+        return set()
+    return {name for name, cls in _REGISTRY.items() if cls.in_all} - set(names)
+
+
 # Registration order is the order of `all` and of `camcli methods`.
 _MODULES = (
     "cam",
@@ -109,6 +117,7 @@ __all__ = [
     "Method",
     "ModelContext",
     "PerturbationMethod",
+    "added_by_all",
     "get_method",
     "list_methods",
     "method_classes",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from camcli.errors import UsageError
+from camcli.models.layouts import NCHW_DEFAULT, Layout, detect, model_hints
 from camcli.models.outputs import OutputKey, raw_output, select_logits
 from camcli.models.spec import InputSpec
 
@@ -20,6 +22,10 @@ POOLING_MODULES = (  # never a target layer: they pool features, they are not fe
     nn.MaxPool2d,
     nn.LPPool2d,
     nn.FractionalMaxPool2d,
+    nn.AdaptiveAvgPool1d,  # Hugging Face Swin's pooler over tokens
+    nn.AdaptiveMaxPool1d,
+    nn.AvgPool1d,
+    nn.MaxPool1d,
 )
 
 
@@ -34,46 +40,72 @@ class LayerInfo:
     num_classes: int
     head: str | None  # the linear module mapping GAP(layer) to the logits, if any
     binary: bool = False  # one logit z, read as the classes [-z, z] (camcli.models.outputs)
+    layout: Layout = field(default=NCHW_DEFAULT)  # how its output is read as (B, C, h, w)
 
 
 @dataclass(frozen=True)
 class ForwardTrace:
-    """What one dry forward on a probe input saw, shared by layer resolution and `camcli layers`."""
+    """What one dry forward (and backward) on a probe input saw, shared by layer resolution
+    and `camcli layers`."""
 
     calls: list[tuple[str, Tensor, int]]  # (module name, tensor output, its _version after the call), in order
     linears: list[tuple[str, Tensor]]  # the nn.Linear calls among them
     logits: Tensor
     kept: Tensor | None  # a copy of the `keep` module's output, in case later in-place ops change it
     binary: bool = False  # the model returns one logit (read as two classes)
+    layouts: list[Layout | str] = field(default_factory=list)  # per call: its layout, or why it is no map
+    reaches: list[bool] = field(default_factory=list)  # per call: the top logit's gradient reaches its grid
+
+
+# Never auto: attention internals, embeddings and stems (the first layers, not what the head reads).
+_SKIPPED_CLASS = re.compile(r"^(?!.*block).*((attention|attn)\d*(v\d)?$|embed|stem)", re.IGNORECASE)
+_SKIPPED_NAME = {"attn", "attention", "self_attention", "self_attn", "cross_attn", "patch_embed", "stem"}
+_SKIPPED_NAME |= {"embeddings", "conv_proj", "pos_embed", "pos_drop", "patch_drop"}
+
+
+def skipped_by_auto(name: str, modules: dict[str, nn.Module]) -> bool:
+    """True for a module inside (or being) an attention, an embedding or a stem."""
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        path = ".".join(parts[:depth])
+        if parts[depth - 1] in _SKIPPED_NAME or _SKIPPED_CLASS.search(type(modules[path]).__name__):
+            return True
+    return False
 
 
 def trace_forward(
     model: nn.Module, spec: InputSpec, device: torch.device, keep: str | None = None, output_key: OutputKey = None
 ) -> ForwardTrace:
-    """One forward of a fixed random probe with a hook on every module, removed in `finally`;
-    the output is read as logits by `select_logits` (`output_key` as `--output-key`)."""
+    """One forward of a fixed random probe with a hook on every module, and one backward from
+    the head: each output's layout, and whether the gradient reaches its grid (after a class
+    token ViT's last attention only the class token gets any). Hooks come off in `finally`.
+    The output is read as logits by `select_logits` (`output_key` as `--output-key`)."""
     calls: list[tuple[str, Tensor, int]] = []
     linears: list[tuple[str, Tensor]] = []
     kept: list[Tensor] = []
+    features: list[tuple[Tensor, Tensor]] = []  # (input, output) of each Linear: a head's input
 
     def hook(name: str):
         def record(module: nn.Module, inputs: Any, output: Any) -> None:
             if isinstance(output, Tensor):
                 calls.append((name, output, output._version))
                 if name == keep:
-                    kept[:] = [output.clone()]
+                    kept[:] = [output.detach().clone()]
                 if isinstance(module, nn.Linear):
                     linears.append((name, output))
+                    if inputs and isinstance(inputs[0], Tensor):
+                        features.append((inputs[0], output))
 
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items() if n]
     modes = [(module, module.training) for module in model.modules()]
     generator = torch.Generator().manual_seed(0)
     probe = torch.randn(1, spec.channels, spec.size, spec.size, generator=generator).to(device)
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.enable_grad():
             output = model(probe)
     finally:
         for handle in handles:
@@ -83,34 +115,60 @@ def trace_forward(
     logits = select_logits(output, output_key)
     raw = raw_output(output, output_key)
     binary = raw.ndim == 1 or raw.shape[-1] == 1
-    return ForwardTrace(calls, linears, logits, kept[0] if kept else None, binary)
+    hints = model_hints(model)
+    size = (spec.size, spec.size)
+    layouts = [detect(tuple(out.shape), size, 1, hints, modules[name]) for name, out, _ in calls]
+    if hints.prefix is None:  # the model does not say: the prefix every unambiguous token layer has
+        seen = {layout.prefix for layout in layouts if isinstance(layout, Layout) and layout.kind == "tokens"}
+        if len(seen) == 1:
+            evidence = replace(hints, prefix=seen.pop())
+            layouts = [
+                detect(tuple(out.shape), size, 1, evidence, modules[name]) if isinstance(layout, str) else layout
+                for (name, out, _), layout in zip(calls, layouts, strict=True)
+            ]
+    source = next((i for i, o in reversed(features) if o is logits), logits)
+    if hasattr(model, "unroll") and hasattr(model, "reroll"):  # timm Hiera: tokens unrolled but in the last stage
+        grids = [layout.grid for layout in layouts if isinstance(layout, Layout) and layout.kind == "tokens"]
+        layouts = [
+            f"{tuple(out.shape)}: Hiera's tokens are in unrolled order before its last stage, no raster grid"
+            if isinstance(layout, Layout) and layout.kind == "tokens" and grids and layout.grid != grids[-1]
+            else layout
+            for (_, out, _), layout in zip(calls, layouts, strict=True)
+        ]
+    reaches = _gradient_reaches(source, calls, layouts)
+    detached = [(name, out.detach(), version) for name, out, version in calls]
+    return ForwardTrace(
+        detached,
+        [(n, o.detach()) for n, o in linears],
+        logits.detach(),
+        kept[0] if kept else None,
+        binary,
+        layouts,
+        reaches,
+    )
 
 
-def channels_last(module: nn.Module, out: Tensor) -> bool:
-    """A 4-D output of a Linear or LayerNorm acting on its last dimension: (B, H, W, C),
-    as inside ConvNeXt blocks. Reading it as (B, C, H, W) would draw stripes."""
-    if isinstance(module, nn.Linear):
-        features = module.out_features
-    elif isinstance(module, nn.LayerNorm):
-        features = module.normalized_shape[-1]
-    else:
-        return False
-    return out.shape[-1] == features and out.shape[1] != features
-
-
-def _refuse_before_tokens(name: str, records: list[tuple[str, Tensor, int]], modules: dict[str, nn.Module]) -> None:
-    """Until camcli reads token layers: a 4-D tensor followed by token sequences (B, N, C)
-    (a ViT's patch embedding, a Swin position bias) is not what the head decides on, and
-    may not even be a per-image map; refused with the reason, never drawn."""
-    start = max(i for i, r in enumerate(records) if r[0] == name)
-    later = records[start:]
-    tokens = [r[0] for r in later if r[1].ndim == 3 and isinstance(modules[r[0]], (nn.Linear, nn.LayerNorm))]
-    if tokens:
-        raise UsageError(
-            f"the model computes token sequences (B, N, C) after the (B, C, H, W) map {name!r} "
-            f"(e.g. {tokens[-1]!r}), a transformer: camcli cannot read token layers yet, and the "
-            "map before them would not show what the head decides on"
-        )
+def _gradient_reaches(source: Tensor, calls: list[tuple[str, Tensor, int]], layouts: list[Layout | str]) -> list[bool]:
+    """Per call: does the gradient of `source` (the head's input features, or the logits) in a
+    random direction reach the grid part of its output (not only a prefix)? The head's input,
+    not the logits: a random-weight torchvision ViT's head is all zeros, its gradient none."""
+    reaches = [False] * len(calls)
+    wanted = [
+        i
+        for i, ((_, out, _), layout) in enumerate(zip(calls, layouts, strict=True))
+        if isinstance(layout, Layout) and out.requires_grad and out.is_floating_point()
+    ]
+    if not wanted or not source.requires_grad:
+        return reaches
+    direction = torch.randn(source.shape, generator=torch.Generator().manual_seed(1)).to(source)
+    score = (source * direction).sum()
+    gradients = torch.autograd.grad(score, [calls[i][1] for i in wanted], allow_unused=True)
+    for i, gradient in zip(wanted, gradients, strict=True):
+        layout = layouts[i]
+        assert isinstance(layout, Layout)
+        if gradient is not None:
+            reaches[i] = bool(layout.to_map(gradient).abs().amax() > 0)
+    return reaches
 
 
 def resolve_layer(
@@ -121,14 +179,16 @@ def resolve_layer(
     trace: ForwardTrace | None = None,
     output_key: OutputKey = None,
 ) -> LayerInfo:
-    """Resolve `--layer` (``auto`` or a dotted module name) with one dry forward.
+    """Resolve `--layer` (``auto`` or a dotted module name) with one dry forward and backward.
 
-    ``auto`` picks the last module, in execution order, whose output is a
-    (B, C, H, W) map with H, W > 1 and which is not itself a pooling module: the
-    feature map that global pooling (or the classifier) consumes. If the model
+    ``auto`` picks the last module, in execution order, whose output is a spatial map of
+    the input (NCHW, NHWC or tokens, `camcli.models.layouts`) that the top logit's
+    gradient reaches, and which is no pooling, attention internal, embedding or stem:
+    the map global pooling (or a class token's last attention) reads. If the model
     rectifies that tensor in place before pooling (DenseNet's functional ReLU), the
-    tensor is read as pooled (`as_consumed`). A `trace` from `trace_forward` saves the
-    forward (it must keep `layer`'s output when a layer is named).
+    tensor is read as pooled (`as_consumed`). A named layer whose output is no spatial
+    map is refused with the reason. A `trace` from `trace_forward` saves the forward
+    (it must keep `layer`'s output when a layer is named).
     """
     modules = dict(model.named_modules())
     if layer != "auto" and layer not in modules:
@@ -141,45 +201,42 @@ def resolve_layer(
     records, linears, logits = trace.calls, trace.linears, trace.logits
     named_output = [] if trace.kept is None else [trace.kept]
 
-    def is_feature_map(name: str, out: Tensor) -> bool:
-        return (
-            out.ndim == 4
-            and out.shape[2] > 1
-            and out.shape[3] > 1
-            and not isinstance(modules[name], POOLING_MODULES)
-            and not channels_last(modules[name], out)
-        )
-
-    found = [r for r in records if is_feature_map(r[0], r[1])]
-    if layer == "auto" or (found and found[-1][0] == layer):
+    found = [
+        (record, layout)
+        for record, layout, reaches in zip(records, trace.layouts, trace.reaches, strict=True)
+        if isinstance(layout, Layout)
+        and reaches
+        and not isinstance(modules[record[0]], POOLING_MODULES)
+        and not skipped_by_auto(record[0], modules)
+    ]
+    if layer == "auto" or (found and found[-1][0][0] == layer):
         # the map the model pools: read it as pooled, also when named explicitly
         if not found:
-            raise UsageError("found no (B, C, H, W) feature map to explain; name one with --layer")
-        name, activation, version = found[-1]
-        as_consumed = activation._version != version
-        _refuse_before_tokens(name, records, modules)
-    else:  # any other module: its output as it left the module
-        calls = [r for r in records if r[0] == layer]
-        if not calls or calls[-1][1].ndim != 4:
-            shape = tuple(calls[-1][1].shape) if calls else "nothing (not called)"
-            raise UsageError(f"layer {layer!r} outputs {shape}, not a (B, C, H, W) feature map")
-        if channels_last(modules[layer], calls[-1][1]):
             raise UsageError(
-                f"layer {layer!r} ({type(modules[layer]).__name__}) outputs {tuple(calls[-1][1].shape)} channels "
-                "last (B, H, W, C); camcli reads (B, C, H, W) maps: name the block around it instead"
+                "found no spatial map of the input that the logits depend on (NCHW, NHWC or tokens); "
+                "name one with --layer (`camcli layers` shows each layer's layout)"
             )
-        _refuse_before_tokens(layer, records, modules)
-        name, activation, as_consumed = layer, named_output[0], False
-    head = _linear_head(activation, logits, linears, modules)
-    shape = activation.shape
+        (name, activation, version), layout = found[-1]
+        as_consumed = activation._version != version
+    else:  # any other module: its output as it left the module
+        calls = [i for i, r in enumerate(records) if r[0] == layer]
+        if not calls:
+            raise UsageError(f"layer {layer!r} is not called by the model's forward")
+        read = trace.layouts[calls[-1]]
+        if not isinstance(read, Layout):
+            raise UsageError(f"layer {layer!r} outputs {read}")
+        name, activation, as_consumed, layout = layer, named_output[0], False, read
+    as_map = layout.to_map(activation)
+    head = _linear_head(as_map, logits, linears, modules)
     return LayerInfo(
         name=name,
         as_consumed=as_consumed,
-        channels=int(shape[1]),
-        spatial=(int(shape[2]), int(shape[3])),
+        channels=int(as_map.shape[1]),
+        spatial=(int(as_map.shape[2]), int(as_map.shape[3])),
         num_classes=int(logits.shape[1]),
         head=head,
         binary=trace.binary,
+        layout=layout,
     )
 
 
@@ -194,6 +251,8 @@ def _linear_head(
     for name, output in reversed(linears):
         linear = modules[name]
         if output.shape != logits.shape or linear.in_features != activation.shape[1]:
+            continue
+        if not linear.weight.abs().amax() > 0:  # all zeros (a fresh torchvision ViT): fits any map
             continue
         pooled = activation.float().mean(dim=(2, 3))
         predicted = torch.nn.functional.linear(pooled, linear.weight.float(), _float(linear.bias))

@@ -20,7 +20,6 @@ from camcli.models.weights import (
 )
 from camcli.models.zoo import ModelSource, register_source
 
-_UNSUPPORTED = ("vit_", "swin_", "maxvit")  # transformers: no spatial conv feature map yet
 _AUX_MODELS = {"googlenet", "inception_v3"}
 
 
@@ -54,11 +53,6 @@ class TorchvisionSource(ModelSource):
             close = difflib.get_close_matches(model, [DEFAULT_MODEL, *known], n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UsageError(f"unknown model {model!r}{hint}; `camcli models` lists them")
-        if model.startswith(_UNSUPPORTED):
-            raise UsageError(
-                f"model {model!r} is a vision transformer: not supported yet (no convolutional "
-                "feature map); pick a CNN such as resnet50 or convnext_tiny"
-            )
         enum = torchvision.models.get_model_weights(model)
         choice = weights or "DEFAULT"
         if choice.lower() == "none" or is_weights_path(choice):
