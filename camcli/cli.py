@@ -30,9 +30,9 @@ from camcli.io import (
     encode_image,
     json_text,
 )
-from camcli.methods import list_methods, parse_methods
+from camcli.methods import cli_settings, list_methods, method_names, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
-from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
+from camcli.models import DEFAULT_MODEL, check_labels, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
 from camcli.report import write_report
@@ -209,6 +209,12 @@ def explain(
             help="Score-CAM: score only the N strongest channels (an approximation; default: all).",
         ),
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="A method's setting, METHOD.NAME=VALUE (repeatable; `camcli methods METHOD` lists them)."
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
@@ -217,32 +223,22 @@ def explain(
     raise typer.Exit(code)
 
 
-def _method_settings(opts: dict[str, Any], spec: InputSpec | None) -> dict[str, Any]:
-    """The options methods take. An `--occlusion-fill R,G,B` colour (0-255) becomes
-    normalised model input once the model's normalisation (`spec`) is known."""
-    fill = opts["occlusion_fill"]
-    if fill is not None and fill.lower() in ("mean", "blur"):
-        fill = fill.lower()
-    elif fill is not None:
-        rgb = _floats(fill, "--occlusion-fill")
-        assert rgb is not None
-        if spec is None:  # checked now, converted once the model is loaded
-            fill = None
-        else:
-            fill = tuple((v / 255.0 - m) / s for v, m, s in zip(rgb, spec.mean, spec.std, strict=True))
-    settings = {
-        "samples": opts["samples"],
-        "noise": opts["noise"],
-        "patch": opts["patch"],
-        "stride": opts["stride"],
-        "fill": fill,
-        "tiles": opts["tiles"],
-        "scorecam_top": opts["scorecam_top"],
-    }
-    return {key: value for key, value in settings.items() if value is not None}
+# Older option names of method settings (each declared by its method as `Setting.alias`).
+_SETTING_ALIASES = {
+    "--samples": "samples",
+    "--noise": "noise",
+    "--patch": "patch",
+    "--stride": "stride",
+    "--occlusion-fill": "occlusion_fill",
+    "--tiles": "tiles",
+    "--scorecam-top": "scorecam_top",
+}
 
 
-_METHOD_OPTIONS = ("samples", "noise", "patch", "stride", "occlusion_fill", "tiles", "scorecam_top")
+def _method_settings(opts: dict[str, Any]) -> dict[str, Any]:
+    """`--set METHOD.NAME=VALUE` and the older options, as `{"method.name": value}`."""
+    aliases = {alias: opts.get(key) for alias, key in _SETTING_ALIASES.items()}
+    return cli_settings(method_names(opts["method"]), opts.get("set_") or (), aliases)
 
 
 def _explain(**opts: Any) -> int:
@@ -252,7 +248,8 @@ def _explain(**opts: Any) -> int:
         raise UsageError(f"unknown overlay format {opts['overlay_format']!r}; use one of {', '.join(OVERLAY_FORMATS)}")
     if opts["target"] is not None and opts["topk"] is not None:
         raise UsageError("--target and --topk exclude each other")
-    methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
+    settings = _method_settings(opts)
+    methods = parse_methods(opts["method"], settings)  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
     stdin = sys.stdin if "-" in opts["inputs"] else None
@@ -274,7 +271,7 @@ def _explain(**opts: Any) -> int:
         labels=opts["labels"],
     )
     loaded.model.to(device)
-    methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
+    methods = parse_methods(opts["method"], settings, loaded.input)
     names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
     layers = [resolve_layer(loaded.model, name, loaded.input, device) for name in names or ["auto"]]
     layer = layers[0]
@@ -309,9 +306,8 @@ def _explain(**opts: Any) -> int:
         }
     if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
         request["grid"] = True
-    method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}
-    if method_options:  # a changed --samples or --scorecam-top redoes the images
-        request["method_options"] = method_options
+    if settings:  # a changed setting (--set rise.masks=500, --samples 3) redoes the images
+        request["method_options"] = settings
     options = RunOptions(
         out_dir=opts["out"],
         batch_size=opts["batch_size"],
@@ -547,13 +543,17 @@ def compare(
 
 
 @app.command()
-def methods(json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False) -> None:
-    """Every method: name, paper, what it needs from the model, relative cost."""
-    rows = commands.method_rows()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="One method: its paper and settings (--set).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
+) -> None:
+    """Every method: name, paper, what it needs from the model, relative cost; or one method's settings."""
+    with _one_line_errors():
+        rows = commands.method_rows(name)
     if json_out:
-        _print_json(rows)
+        _print_json(rows[0] if name else rows)
     else:
-        typer.echo(commands.format_methods(rows))
+        typer.echo(commands.format_method(rows[0]) if name else commands.format_methods(rows))
 
 
 @app.command()

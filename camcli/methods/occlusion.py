@@ -22,7 +22,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from camcli.errors import UsageError
 from camcli.methods import register
-from camcli.methods.base import ModelContext, PerturbationMethod
+from camcli.methods.base import ModelContext, PerturbationMethod, Setting, colour_or, colour_to_input
 
 
 def patch_starts(size: int, patch: int, stride: int, device: torch.device) -> Tensor:
@@ -54,18 +54,31 @@ class Occlusion(PerturbationMethod):
     needs = "P forwards (P = patch positions)"
     cost = "1 + P forwards"
     in_all = False
-    settings = ("patch", "stride", "fill")
+    settings = (
+        Setting("patch", int, 32, "patch side in model-input pixels", minimum=1, alias="--patch"),
+        Setting("stride", int, None, "patch step in pixels (default: patch/2)", minimum=1, alias="--stride"),
+        Setting(
+            "fill",
+            str,
+            "mean",
+            "what fills the patch: mean (the dataset mean), blur, or R,G,B in 0-255",
+            choices=("mean", "blur", "R,G,B"),
+            parse=colour_or("mean", "blur"),
+            to_input=colour_to_input,
+            alias="--occlusion-fill",
+        ),
+    )
 
     def __init__(
         self, patch: int = 32, stride: int | None = None, fill: str | tuple[float, float, float] = "mean"
     ) -> None:
         stride = max(1, patch // 2) if stride is None else stride  # default: patches overlap by half
         if patch < 1 or stride < 1:
-            raise UsageError(f"--patch and --stride must be at least 1, not {patch} and {stride}")
+            raise UsageError(f"occlusion.patch and .stride must be at least 1, not {patch} and {stride}")
         if stride > patch:
             raise UsageError(f"--stride {stride} is larger than --patch {patch}: some pixels would never be occluded")
         if isinstance(fill, str) and fill not in ("mean", "blur"):
-            raise UsageError(f"--occlusion-fill must be mean, blur or R,G,B, not {fill!r}")
+            raise UsageError(f"occlusion.fill (--occlusion-fill) must be mean, blur or R,G,B, not {fill!r}")
         self.patch = patch
         self.stride = stride
         self.fill = fill  # "mean", "blur", or a colour in normalised input units
