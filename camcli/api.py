@@ -14,7 +14,7 @@ that `--save-heatmap` writes for the same image.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ def explain(
     batch_size: int = 8,
     chunk_size: int = 32,
     labels: str | Path | Sequence[str] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> list[ImageResult]:
     """Explain images with one or more methods; one `ImageResult` per image, in order.
 
@@ -89,6 +90,7 @@ def explain(
     is a `--model` name or a `load_model` result (reuse it across calls: loading costs
     more than explaining a few images); `weights`, `labels` apply to a name only.
     `target` (a class index or name) and `topk` work as `--target` and `--topk`.
+    `settings` are methods' settings as `--set` takes them, `{"rise.masks": 500}`.
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
@@ -97,7 +99,7 @@ def explain(
     info = resolve_layer(loaded.model, layer, loaded.input, torch_device)
     check_labels(loaded, info.num_classes, "labels")
     spec = methods if isinstance(methods, str) else ",".join(methods)
-    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size)
+    explainer = Explainer(loaded.model, info, parse_methods(spec, settings, loaded.input), chunk_size=chunk_size)
     target_spec = parse_target(None if target is None else str(target), topk, loaded.categories, info.num_classes)
     rgb = [_as_rgb(image) for image in _as_list(images)]
     results: list[ImageResult] = []

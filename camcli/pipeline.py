@@ -288,6 +288,8 @@ class ExplainRun:
                 record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
             if e["channels"] is not None:
                 record["explanations"][-1]["channels"] = [int(c) for c in e["channels"][i]]
+            if e["details"] is not None:
+                record["explanations"][-1]["details"] = {k: float(v[i]) for k, v in e["details"].items()}
         if self.options.grid:
             record["grid"] = f"{name}.grid.png"
         return record
@@ -413,6 +415,7 @@ def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor] | None]
                 if metrics is None or metrics[n] is None
                 else {k: v.cpu().numpy() for k, v in metrics[n].items()},
                 "channels": None if e.channels is None else e.channels.cpu().numpy(),
+                "details": None if e.details is None else {k: v.float().cpu().numpy() for k, v in e.details.items()},
             }
         )
     return {

@@ -18,6 +18,7 @@ from camcli.methods.base import (
     CamContext,
     CamMethod,
     CombinedMethod,
+    GradientContext,
     InputGradientMethod,
     LayerImageMethod,
     Method,
@@ -62,20 +63,25 @@ def get_method(name: str, settings: Mapping[str, Any] | None = None, input_spec:
     """
     cls = method_class(name)
     declared = settings_of(cls)
-    kwargs: dict[str, Any] = {}
+    given: dict[str, Any] = {}
     for key, value in (settings or {}).items():
         owner, _, short = key.rpartition(".")
-        if (owner and owner != name) or short not in declared or value is None:
-            continue
-        setting = declared[short]
+        if (not owner or owner == name) and short in declared and value is not None:
+            given[short] = value
+    kwargs: dict[str, Any] = {}
+    for short, setting in declared.items():
+        if short not in given and setting.to_input is None:
+            continue  # the constructor's own default
+        value = given.get(short, setting.default)
         if isinstance(value, str) and (setting.type is not str or setting.parse is not None or setting.choices):
             value = setting.from_text(name, value)
-            if setting.to_input is not None and not isinstance(value, str):  # words need no model
-                if input_spec is None:
-                    continue
-                value = setting.to_input(value, input_spec)
         else:
             value = setting.validate(name, value)
+        if setting.to_input is not None:
+            if input_spec is not None:
+                value = setting.to_input(value, input_spec)
+            elif not isinstance(value, str):  # a colour: checked now, converted once the model is known
+                continue
         kwargs[short] = value
     return cls(**kwargs)
 
@@ -153,6 +159,17 @@ _MODULES = (
     "occlusion",
     "activations",
     "center",
+    "input_x_gradient",
+    "integrated_gradients",
+    "gradient_shap",
+    "ablationcam",
+    "eigengradcam",
+    "kpca_cam",
+    "fullgrad",
+    "sscam",
+    "iscam",
+    "smoothgradcampp",
+    "rise",
 )
 for _module in _MODULES:
     importlib.import_module(f"camcli.methods.{_module}")
@@ -161,6 +178,7 @@ __all__ = [
     "CamContext",
     "CamMethod",
     "CombinedMethod",
+    "GradientContext",
     "InputGradientMethod",
     "LayerImageMethod",
     "Method",

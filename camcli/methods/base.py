@@ -115,7 +115,10 @@ def colour_or(*words: str) -> Callable[[str], str | tuple[float, float, float]]:
 
 
 def colour_to_input(value: Any, spec: InputSpec) -> Any:
-    """A `Setting.to_input`: an R,G,B colour in 0-255 as normalised model input; words stay."""
+    """A `Setting.to_input`: an R,G,B colour in 0-255 (or `black`) as normalised model input;
+    other words stay."""
+    if value == "black":
+        value = (0.0, 0.0, 0.0)
     if isinstance(value, str):
         return value
     return tuple((v / 255.0 - m) / s for v, m, s in zip(value, spec.mean, spec.std, strict=True))
@@ -138,6 +141,10 @@ class CamContext:
     head_weight: Tensor | None  # (num_classes, C) of a GAP + linear head, if present
     forward: Callable[[Tensor], Tensor]  # batched logits of extra inputs (no grad)
     chunk_size: int  # how many extra inputs one forward may take
+    # logits of inputs[samples] with this layer's output replaced by `activations`, (N, C, h, w)
+    forward_layer: Callable[[Tensor, Tensor], Tensor] | None = None  # (activations, samples) -> logits
+    # this layer's activations and d(logit of targets)/d(activations) for extra inputs (N, 3, H, W)
+    gradients_at: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (inputs, targets)
 
 
 class Method:
@@ -192,6 +199,33 @@ class InputGradientMethod(Method):
         """(S, B, 3, H, W) input gradients -> (B, 3, H, W) raw gradient (rendered as an
         image) or (B, H, W) map (relu, normalised and overlaid by the engine)."""
         return gradients.mean(0)
+
+    def output_modules(self, model: Any) -> list[Any]:
+        """Modules whose outputs' gradients the method also needs (FullGrad's biased layers)."""
+        return []
+
+    def finish(self, ctx: GradientContext) -> Tensor:
+        """The method's result from everything the pass saw; `reduce` of the gradients by default."""
+        return self.reduce(ctx.gradients)
+
+    def details(self, ctx: GradientContext, result: Tensor) -> dict[str, Tensor] | None:
+        """(B,) numbers per sample for the JSON (Integrated Gradients' completeness), or None."""
+        return None
+
+
+@dataclass(frozen=True)
+class GradientContext:
+    """What an input-gradient method may read for one batch and one target rank."""
+
+    gradients: Tensor  # (S, B, 3, H, W) d(target logit)/d(input) at each of `samples`
+    samples: Tensor  # (S, B, 3, H, W) the inputs `inputs_for` made
+    inputs: Tensor  # (B, 3, H, W) normalised model input
+    logits: Tensor  # (B, num_classes) of the clean input, detached
+    targets: Tensor  # (B,) class index per sample
+    forward: Callable[[Tensor], Tensor]  # batched logits of extra inputs (no grad)
+    chunk_size: int
+    modules: list[Any]  # `output_modules(model)`
+    module_gradients: list[Tensor]  # (S*B, C, h, w) d(target logit)/d(output) of each, samples first
 
 
 @dataclass(frozen=True)
