@@ -6,8 +6,9 @@ Grad-CAM++ (eq. 19) whose derivatives are averaged over N noisy copies of the in
 (SmoothGrad's noise, sigma = `noise` x the input's range, seeded):
   D_p = 1/N sum_i (dy^c/dA (x + e_i))^p,  alpha = D_2 / (2 D_2 + sum_ab A_ab D_3),
   w_k^c = sum_ij alpha_ij relu(D_1,ij),
-A the clean input's activations. (torchcam's `SmoothGradCAMpp` multiplies alpha by the
-last copy's gradient instead of D_1; with one copy both agree.) The N x B noisy inputs
+A the clean input's activations. (torchcam's `SmoothGradCAMpp` changes the paper on
+purpose: sum_ab A_ab D_3,ab in alpha's denominator, the last copy's gradient instead of
+D_1, and the last copy's activations for the map.) The N x B noisy inputs
 run in chunks of `--chunk-size` forwards, each with a partial backward to the layer.
 """
 
