@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench import best_times  # noqa: E402  (benchmarks/bench.py, beside this script)
 
 from camcli.engine import Explainer, TargetSpec  # noqa: E402
 from camcli.methods import parse_methods  # noqa: E402
@@ -50,19 +51,6 @@ CASES: list[tuple[str, dict[str, object], str, str]] = [
     ("iscam", {"samples": 2}, "layer3", "N x C = 512"),
     ("rise", {"masks": 256}, "layer4", "256"),
 ]
-
-
-def best_times(contenders: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best wall time of each contender over `rounds` interleaved rounds (one warm-up)."""
-    for run in contenders.values():
-        run()
-    best = dict.fromkeys(contenders, float("inf"))
-    for _ in range(rounds):
-        for name, run in contenders.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def anchors(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -123,14 +111,15 @@ def anchors(model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (best of)")
     args = parser.parse_args()
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else args.rounds
     torch.manual_seed(0)
     loaded = load_model("resnet18", "none", input_size=SIZE)
     model = loaded.model.eval()
     spec = InputSpec(SIZE, IMAGENET_MEAN, IMAGENET_STD)
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: captum's backward needs these as ordinary tensors
         targets = model(x).argmax(1)
 
     def forward() -> None:

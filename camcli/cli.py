@@ -526,6 +526,7 @@ def compare(
     batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
     labels: Annotated[Path | None, typer.Option("--labels", help="Class names: one per line, or a JSON list.")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A method's setting, METHOD.NAME=VALUE.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Side-by-side grids: OUT/<name>.grid.png with the image, then one overlay per method (and target)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -398,3 +399,33 @@ def test_model_method_table_of_new_methods(name: str, method: str) -> None:
     assert torch.isfinite(explanation.maps).all()
     assert explanation.maps.shape == ((1, 64, 64) if method in PIXEL_MAPS else (1, *info.spatial))
     assert explanation.maps.min() >= 0 and explanation.maps.max() <= 1
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+
+def test_explain_anchor_methods_end_to_end(tmp_path, samples_dir, validate_record) -> None:
+    """--set reaches each method, integrated-gradients' completeness is in the JSON, and the
+    records keep the schema; a changed setting redoes the image, the same one skips it."""
+    from typer.testing import CliRunner
+
+    from camcli.cli import app
+
+    args = ["explain", str(samples_dir / "skimage_coffee.png"), "--model", "resnet18", "--weights", "none"]
+    args += ["--input-size", "32", "-o", str(tmp_path), "-m", "integrated-gradients,rise,kpca-cam"]
+    args += ["--set", "integrated-gradients.steps=4", "--set", "rise.masks=8"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "skimage_coffee.png.json"
+    record = json.loads(path.read_text())
+    validate_record(record)
+    assert record["request"]["method_options"] == {"integrated-gradients.steps": "4", "rise.masks": "8"}
+    ig = record["explanations"][0]
+    assert set(ig["details"]) == {"attribution_sum", "logit_difference", "completeness_error"}
+    assert ig["details"]["completeness_error"] == pytest.approx(
+        abs(ig["details"]["attribution_sum"] - ig["details"]["logit_difference"]), rel=1e-4, abs=1e-5
+    )
+    again = CliRunner().invoke(app, args)
+    assert "1 already done" in again.output
+    changed = CliRunner().invoke(app, [*args[:-1], "rise.masks=9"])
+    assert "1 explained" in changed.output
