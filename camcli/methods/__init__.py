@@ -73,11 +73,9 @@ def get_method(name: str, settings: Mapping[str, Any] | None = None, input_spec:
         if short not in given and setting.to_input is None:
             continue  # the constructor's own default
         value = given.get(short, setting.default)
-        if isinstance(value, str) and (setting.type is not str or setting.parse is not None or setting.choices):
-            value = setting.from_text(name, value)
-        else:
-            value = setting.validate(name, value)
-        if setting.to_input is not None:
+        text = isinstance(value, str) and (setting.type is not str or setting.parse is not None or setting.choices)
+        value = setting.from_text(name, value) if text else setting.validate(name, value)
+        if setting.to_input is not None and (text or short not in given):  # other values: input units already
             if input_spec is not None:
                 value = setting.to_input(value, input_spec)
             elif not isinstance(value, str):  # a colour: checked now, converted once the model is known
