@@ -14,7 +14,7 @@ that `--save-heatmap` writes for the same image.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,7 @@ def explain(
     labels: str | Path | Sequence[str] | None = None,
     score: str | None = None,
     threshold: float = 0.5,
+    settings: Mapping[str, Any] | None = None,
 ) -> list[ImageResult]:
     """Explain images with one or more methods; one `ImageResult` per image, in order.
 
@@ -113,6 +114,7 @@ def explain(
     more than explaining a few images); `weights`, `labels` apply to a name only.
     `target` (a class index or name, or ``"positive"`` with `threshold`) and `topk` work as
     `--target` and `--topk`, `score` as `--score`.
+    `settings` are methods' settings as `--set` takes them, `{"rise.masks": 500}`.
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
@@ -124,7 +126,7 @@ def explain(
     explainer = Explainer(
         loaded.model,
         info,
-        parse_methods(spec),
+        parse_methods(spec, settings, loaded.input),
         chunk_size=chunk_size,
         output_key=loaded.output_key,
         optional=added_by_all(spec),

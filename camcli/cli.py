@@ -29,13 +29,13 @@ from camcli.io import (
     no_images_message,
     stream_inputs,
 )
-from camcli.methods import added_by_all, list_methods, parse_methods
+from camcli.methods import added_by_all, cli_settings, list_methods, method_names, parse_methods
 from camcli.models.spec import DEFAULT_MODEL
 from camcli.render import COLORMAPS
 
 if TYPE_CHECKING:
     from camcli.io import InputItem
-    from camcli.models import InputSpec, LoadedModel
+    from camcli.models import LoadedModel
     from camcli.pipeline import ExplainRun
 
 # Start-up stays instant (`--help`, completion, `camcli methods`): this module imports
@@ -303,50 +303,18 @@ def explain(
             help="Score-CAM: score only the N strongest channels (an approximation; default: all).",
         ),
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="A method's setting, METHOD.NAME=VALUE (repeatable; `camcli methods METHOD` lists them)."
+        ),
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
     with _one_line_errors(debug):
         code = _explain(**locals())
     raise typer.Exit(code)
-
-
-def _method_settings(opts: dict[str, Any], spec: InputSpec | None) -> dict[str, Any]:
-    """The options methods take. An `--occlusion-fill R,G,B` colour (0-255) becomes
-    normalised model input once the model's normalisation (`spec`) is known."""
-    fill = opts["occlusion_fill"]
-    if fill is not None and fill.lower() in ("mean", "blur"):
-        fill = fill.lower()
-    elif fill is not None:
-        rgb = _floats(fill, "--occlusion-fill")
-        assert rgb is not None
-        if spec is None:  # checked now, converted once the model is loaded
-            fill = None
-        else:
-            fill = tuple((v / 255.0 - m) / s for v, m, s in zip(rgb, spec.mean, spec.std, strict=True))
-    settings = {
-        "samples": opts["samples"],
-        "noise": opts["noise"],
-        "patch": opts["patch"],
-        "stride": opts["stride"],
-        "fill": fill,
-        "occlusion_target": opts["occlusion_target"].lower() if opts["occlusion_target"] else None,
-        "tiles": opts["tiles"],
-        "scorecam_top": opts["scorecam_top"],
-    }
-    return {key: value for key, value in settings.items() if value is not None}
-
-
-_METHOD_OPTIONS = (
-    "samples",
-    "noise",
-    "patch",
-    "stride",
-    "occlusion_fill",
-    "occlusion_target",
-    "tiles",
-    "scorecam_top",
-)
 
 
 def _collect(opts: dict[str, Any]) -> list[InputItem]:
@@ -382,6 +350,25 @@ def _load(opts: dict[str, Any], device: Any) -> LoadedModel:
     return loaded
 
 
+# Older option names of method settings (each declared by its method as `Setting.alias`).
+_SETTING_ALIASES = {
+    "--samples": "samples",
+    "--noise": "noise",
+    "--patch": "patch",
+    "--stride": "stride",
+    "--occlusion-fill": "occlusion_fill",
+    "--tiles": "tiles",
+    "--scorecam-top": "scorecam_top",
+    "--occlusion-target": "occlusion_target",
+}
+
+
+def _method_settings(opts: dict[str, Any]) -> dict[str, Any]:
+    """`--set METHOD.NAME=VALUE` and the older options, as `{"method.name": value}`."""
+    aliases = {alias: opts.get(key) for alias, key in _SETTING_ALIASES.items()}
+    return cli_settings(method_names(opts["method"]), opts.get("set_") or (), aliases)
+
+
 def _explain(**opts: Any) -> int:
     allow_large_images()  # the CLI's process: --max-pixels is camcli's own check
     if opts["colormap"] not in COLORMAPS:
@@ -390,7 +377,8 @@ def _explain(**opts: Any) -> int:
         raise UsageError(f"unknown overlay format {opts['overlay_format']!r}; use one of {', '.join(OVERLAY_FORMATS)}")
     if opts["target"] is not None and opts["topk"] is not None:
         raise UsageError("--target and --topk exclude each other")
-    methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
+    settings = _method_settings(opts)
+    methods = parse_methods(opts["method"], settings)  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
     streamed = "-" in opts["inputs"]
     items: Any = stream_inputs(
@@ -446,9 +434,8 @@ def _explain(**opts: Any) -> int:
         "draw_boxes": True if opts["draw_boxes"] else None,
     }
     request |= {key: value for key, value in extras.items() if value is not None}
-    method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}
-    if method_options:  # a changed --samples or --scorecam-top redoes the images
-        request["method_options"] = method_options
+    if settings:  # a changed setting (--set rise.masks=500, --samples 3) redoes the images
+        request["method_options"] = settings
     if not streamed and not opts["overwrite"] and not opts.get("grid_only") and not opts["dry_run"]:
         finished = _all_finished(items, opts["out"], request)
         if finished is not None:  # nothing to do: the model is not even loaded
@@ -460,7 +447,7 @@ def _explain(**opts: Any) -> int:
     from camcli.pipeline import ExplainRun, RunOptions, choose_score
 
     loaded = _load(opts, device)
-    methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
+    methods = parse_methods(opts["method"], settings, loaded.input)
     names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
     layers = [
         resolve_layer(loaded.model, name, loaded.input, device, output_key=output_key) for name in names or ["auto"]
@@ -822,6 +809,7 @@ def compare(
     batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
     labels: Annotated[Path | None, typer.Option("--labels", help="Class names: one per line, or a JSON list.")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors only.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="A method's setting, METHOD.NAME=VALUE.")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Side-by-side grids: OUT/<name>.grid.png with the image, then one overlay per method (and target)."""
@@ -839,15 +827,19 @@ def compare(
 
 
 @app.command()
-def methods(json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False) -> None:
-    """Every method: name, paper, what it needs from the model, relative cost."""
+def methods(
+    name: Annotated[str | None, typer.Argument(help="One method: its paper and settings (--set).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
+) -> None:
+    """Every method: name, paper, what it needs from the model, relative cost; or one method's settings."""
     from camcli import commands
 
-    rows = commands.method_rows()
+    with _one_line_errors():
+        rows = commands.method_rows(name)
     if json_out:
-        _print_json(rows)
+        _print_json(rows[0] if name else rows)
     else:
-        typer.echo(commands.format_methods(rows))
+        typer.echo(commands.format_method(rows[0]) if name else commands.format_methods(rows))
 
 
 @app.command()

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from camcli import __version__
-from camcli.methods import method_classes
+from camcli.methods import method_class, method_classes
 from camcli.models.spec import DEFAULT_MODEL, TIMM_PREFIX, InputSpec
 
 if TYPE_CHECKING:  # torch and the model sources load inside the commands that need them
@@ -26,8 +26,10 @@ if TYPE_CHECKING:  # torch and the model sources load inside the commands that n
 # --- methods ----------------------------------------------------------------------------------
 
 
-def method_rows() -> list[dict[str, Any]]:
-    """Every registered method's metadata (methods added later appear by registering)."""
+def method_rows(name: str | None = None) -> list[dict[str, Any]]:
+    """Every registered method's metadata (methods added later appear by registering),
+    or only that of `name` (a usage error with suggestions if there is none)."""
+    classes = [method_class(name)] if name else method_classes()
     return [
         {
             "name": cls.name,
@@ -37,8 +39,9 @@ def method_rows() -> list[dict[str, Any]]:
             "needs": cls.needs,
             "cost": cls.cost,
             "in_all": cls.in_all,
+            "settings": [setting.to_json() for setting in cls.settings],
         }
-        for cls in method_classes()
+        for cls in classes
     ]
 
 
@@ -59,6 +62,27 @@ def format_methods(rows: list[dict[str, Any]]) -> str:
         for r in rows
     ]
     return _table(("method", "paper", "needs", "cost"), table)
+
+
+def format_method(row: dict[str, Any]) -> str:
+    """One method: what it is, then its settings as `--set` takes them."""
+    lines = [
+        f"{row['name']}: {row['title']}" + ("" if row["in_all"] else " (not in all)"),
+        f"paper: {row['paper']} {row['url']}",
+        f"needs: {row['needs']}; cost: {row['cost']}",
+    ]
+    if not row["settings"]:
+        return "\n".join([*lines, "settings: none"])
+    table = [
+        (
+            f"{row['name']}.{s['name']}",
+            " | ".join(s["choices"]) or s["type"],
+            "-" if s["default"] is None else str(s["default"]),
+            s["help"] + (f" (also {s['alias']})" if s["alias"] else ""),
+        )
+        for s in row["settings"]
+    ]
+    return "\n".join([*lines, "settings (--set NAME=VALUE):", _table(("name", "type", "default", "meaning"), table)])
 
 
 # --- models -----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ flag the engine changes is put back in `finally`, whatever a method raises.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -36,6 +37,7 @@ from camcli.methods import (
     CamContext,
     CamMethod,
     CombinedMethod,
+    GradientContext,
     InputGradientMethod,
     LayerImageMethod,
     Method,
@@ -135,6 +137,7 @@ class Explanation:
     valid: Tensor | None = None  # (B,) False where a sample has no target at this rank (-t positive)
     categorical: bool = False  # maps hold class indices (a label map, e.g. occlusion's winner), not heat
     layout: str | None = None  # layer methods: how the layer was read, e.g. "tokens 1+196 -> 14x14"
+    details: dict[str, Tensor] | None = None  # (B,) numbers per sample for the JSON, e.g. completeness
 
     @property
     def is_gradient(self) -> bool:
@@ -269,6 +272,33 @@ def layer_output(model: nn.Module, module: nn.Module, inputs: Tensor) -> Tensor:
     if "activation" not in store:
         raise UsageError("the layer is not called by the model's forward")
     return store["activation"]
+
+
+@contextmanager
+def _outputs(modules: Sequence[nn.Module]) -> Iterator[list[Tensor]]:
+    """Keep each module's output (in call order of `modules`) so its gradient can be taken;
+    the model continues with a copy, so in-place ops downstream (ResNet's ReLU after a batch
+    norm) never change the kept tensor, whose gradient is the one of the module's output."""
+    kept: dict[int, Tensor] = {}
+
+    def hook(index: int) -> Callable[..., Tensor]:
+        def keep(_: nn.Module, __: Any, output: Tensor) -> Tensor:
+            kept[index] = output
+            return output.clone()
+
+        return keep
+
+    handles = [module.register_forward_hook(hook(i)) for i, module in enumerate(modules)]
+    found: list[Tensor] = []
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [i for i in range(len(modules)) if i not in kept]
+    if missing:
+        raise UsageError(f"{len(missing)} of the {len(modules)} layers the method needs were not called in the forward")
+    found.extend(kept[i] for i in range(len(modules)))
 
 
 class _Rectifier(torch.autograd.Function):
@@ -546,8 +576,12 @@ class Explainer:
                     head_weight=None if head is None else head.weight.detach(),
                     forward=self._forward,
                     chunk_size=self.chunk_size,
+                    forward_layer=functools.partial(self._forward_replacing, module, inputs),
+                    gradients_at=functools.partial(self._layer_gradients, module, info),
                 )
-                for acts, gradient, head in zip(activations, gradients, self._heads, strict=True)
+                for acts, gradient, head, module, info in zip(
+                    activations, gradients, self._heads, self.modules, self.layers, strict=True
+                )
             ]
             for method in self._cam:
                 with torch.no_grad():
@@ -569,6 +603,29 @@ class Explainer:
         """Logits of extra inputs (Score-CAM's masked copies) in the model's memory format."""
         return self.net(inputs.contiguous(memory_format=self.memory_format))
 
+    def _forward_replacing(self, module: nn.Module, inputs: Tensor, activations: Tensor, samples: Tensor) -> Tensor:
+        """Logits of inputs[samples] with `module`'s output replaced by `activations` (Ablation-CAM)."""
+
+        def hook(_: nn.Module, __: Any, output: Tensor) -> Tensor:
+            return activations.to(output.dtype).contiguous(memory_format=self.memory_format).clone()
+
+        handle = module.register_forward_hook(hook)
+        try:
+            return self._forward(inputs[samples])
+        finally:
+            handle.remove()
+
+    def _layer_gradients(
+        self, module: nn.Module, info: LayerInfo, inputs: Tensor, targets: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """`module`'s activations and d(logit of targets)/d(activations) for extra inputs."""
+        with capture(module, info.as_consumed, track_grad=True) as store, torch.enable_grad():
+            logits = self._forward(inputs)
+            activations = store["activation"]
+            score = logits.gather(1, targets[:, None]).sum()
+            (gradient,) = torch.autograd.grad(score, activations)
+        return activations.detach(), gradient
+
     def _gradient_pass(
         self,
         inputs: Tensor,
@@ -587,29 +644,49 @@ class Explainer:
         flat_inputs = samples.flatten(0, 1)
         step = len(flat_inputs) if plain else self.chunk_size
         rule = method.rectifier_backward
-        gradients: list[list[Tensor]] = []
+        modules = method.output_modules(self.model)
+        gradients: list[list[list[Tensor]]] = []  # per chunk, per rank: input gradient, then each module's
         for start in range(0, len(flat_inputs), step):
             leaf = flat_inputs[start : start + step].detach().contiguous(memory_format=self.memory_format)
             leaf.requires_grad_(True)
             samples_of = torch.arange(start, start + len(leaf), device=inputs.device) % inputs.shape[0]
             mode = nullcontext() if rule is None else _RectifierMode(rule, method.name)
-            with torch.enable_grad(), mode:
+            with torch.enable_grad(), mode, _outputs(modules) as outputs:
                 out = self.net(leaf)
             if targets is None:  # plain pass without an earlier one: this forward is the clean one
                 logits, targets = out.detach(), target.resolve(out)
             chunk = []
             for rank, rank_targets in enumerate(targets):
                 score = out.gather(1, rank_targets[samples_of, None]).sum()
-                (gradient,) = torch.autograd.grad(score, leaf, retain_graph=rank < len(targets) - 1)
-                chunk.append(gradient.nan_to_num(0.0))
+                found = torch.autograd.grad(
+                    score, [leaf, *outputs], retain_graph=rank < len(targets) - 1, allow_unused=True
+                )
+                chunk.append(
+                    [
+                        torch.zeros_like(t) if g is None else g.nan_to_num(0.0)
+                        for g, t in zip(found, [leaf, *outputs], strict=True)
+                    ]
+                )
             gradients.append(chunk)
-        for rank, rank_targets in enumerate(targets):
-            stacked = torch.cat([chunk[rank] for chunk in gradients]).view_as(samples)
-            with torch.no_grad():
-                result = method.reduce(stacked)
-                maps, flat = (result, _gradient_flat(result)) if result.ndim == 4 else normalise(result.relu())
-            results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
         assert logits is not None
+        for rank, rank_targets in enumerate(targets):
+            parts = [torch.cat([chunk[rank][n] for chunk in gradients]) for n in range(1 + len(modules))]
+            ctx = GradientContext(
+                gradients=parts[0].view_as(samples),
+                samples=samples,
+                inputs=inputs,
+                logits=logits.detach(),
+                targets=rank_targets,
+                forward=self._forward,
+                chunk_size=self.chunk_size,
+                modules=modules,
+                module_gradients=parts[1:],
+            )
+            with torch.no_grad():
+                result = method.finish(ctx)
+                maps, flat = (result, _gradient_flat(result)) if result.ndim == 4 else normalise(result.relu())
+            details = method.details(ctx, result)
+            results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat, details=details)
         return logits.detach(), targets
 
     def _attention_pass(

@@ -616,6 +616,7 @@ def _to_numpy(
                 "categorical": e.categorical,
                 "layout": e.layout,
                 "grid": None if e.layout is None else [int(v) for v in e.maps.shape[-2:]],
+                "details": None if e.details is None else {k: v.float().cpu().numpy() for k, v in e.details.items()},
             }
         )
     return {
@@ -725,6 +726,8 @@ def image_record(
         if save_raw and e["raw"] is not None:
             raw = e["raw"][i]
             meta |= {"raw_heatmap": f"{stem}.raw.npy", "raw_min": float(raw.min()), "raw_max": float(raw.max())}
+        if e["details"] is not None:
+            meta["details"] = {k: float(v[i]) for k, v in e["details"].items()}
         if e["layout"] is not None:  # a layer method: the grid it was computed on and how it was read
             meta["grid"], meta["layout"] = e["grid"], e["layout"]
         if box_threshold is not None and e["channels"] is None and not e["categorical"] and e["maps"][i].ndim == 2:

@@ -93,7 +93,7 @@ def test_scorecam_top_scores_only_the_strongest_channels() -> None:
     x = torch.randn(2, 3, 32, 32)
 
     def maps(top: int | None) -> torch.Tensor:
-        explainer = Explainer(copy.deepcopy(model), info, [ScoreCAM(scorecam_top=top)], chunk_size=256)
+        explainer = Explainer(copy.deepcopy(model), info, [ScoreCAM(top=top)], chunk_size=256)
         return explainer.explain(x, TargetSpec()).explanations[0].maps
 
     torch.testing.assert_close(maps(128), maps(None))
@@ -114,8 +114,8 @@ def test_scorecam_top_option_reaches_the_method_and_the_request(tmp_path, sample
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "skimage_coffee.png.json").read_text())
-    assert record["request"]["method_options"] == {"scorecam_top": 3}
+    assert record["request"]["method_options"] == {"scorecam.top": 3}
     again = CliRunner().invoke(app, args[:-1] + ["4"])  # another N: the image is redone, not skipped
     assert again.exit_code == 0, again.output
     record = json.loads((tmp_path / "skimage_coffee.png.json").read_text())
-    assert record["request"]["method_options"] == {"scorecam_top": 4}
+    assert record["request"]["method_options"] == {"scorecam.top": 4}

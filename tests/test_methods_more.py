@@ -15,9 +15,9 @@ from torch import Tensor, nn
 from typer.testing import CliRunner
 
 from camcli.cli import app
-from camcli.engine import BatchResult, Explainer, TargetSpec, capture, normalise
+from camcli.engine import BatchResult, Explainer, TargetSpec, capture, layer_output, normalise
 from camcli.errors import MethodNotApplicable, UsageError
-from camcli.filters import AscentOptions, first_conv_kernels, kernel_grid, layer_output, maximise_channels
+from camcli.filters import AscentOptions, first_conv_kernels, kernel_grid, maximise_channels
 from camcli.methods import get_method, parse_methods
 from camcli.methods.occlusion import patch_masks, patch_starts
 from camcli.models import InputSpec, LayerInfo, load_model, resolve_layer

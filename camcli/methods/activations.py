@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from camcli.errors import OptionError
 from camcli.methods import register
-from camcli.methods.base import LayerImageMethod
+from camcli.methods.base import LayerImageMethod, Setting
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -27,11 +26,9 @@ class Activations(LayerImageMethod):
     needs = "nothing"
     cost = "1 forward"
     in_all = False
-    settings = ("tiles",)
+    settings = (Setting("tiles", int, 16, "how many channels to show", minimum=1, alias="--tiles"),)
 
     def __init__(self, tiles: int = 16) -> None:
-        if tiles < 1:
-            raise OptionError(f"{{tiles}} must be at least 1, not {tiles}", "tiles")
         self.tiles = tiles
 
     def select(self, activations: Tensor) -> Tensor:

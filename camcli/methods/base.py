@@ -7,18 +7,127 @@ states how a rectifier passes gradients backwards and how input gradients become
 its result; a perturbation method scores modified inputs; a layer-image method
 picks channels of the layer to show; a combined method multiplies the results of
 the methods it needs; an attention method reads a vision transformer's attention
-probabilities (and their gradients) instead of a layer. Options a method takes (`--samples`, `--patch`, ...) are
-constructor arguments named in `settings`.
+probabilities (and their gradients) instead of a layer. Options a method takes are declared where it is defined, as
+`Setting`s (name, type, default, help, validation): the CLI offers each as
+`--set METHOD.NAME=VALUE` (some also under an older option name, `--samples`) and
+`camcli methods METHOD` lists them; each is a constructor keyword of the method.
+
+This module imports no torch at run time, so `camcli --help` and `camcli methods` stay fast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from camcli.errors import UsageError
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from camcli.models.spec import InputSpec
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One option of a method: `--set METHOD.NAME=VALUE`, a keyword of its constructor.
+
+    `parse` turns the command line's text into a value (default: by `type`); `check`
+    returns why a value is refused, or None; `to_input` converts a parsed value once the
+    model's input normalisation is known (a colour in 0-255 -> normalised input units).
+    `alias` is an older option name (`--samples`) that sets it too.
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    check: Callable[[Any], str | None] | None = None
+    parse: Callable[[str], Any] | None = None
+    to_input: Callable[[Any, InputSpec], Any] | None = None
+    alias: str | None = None
+
+    def from_text(self, method: str, text: str) -> Any:
+        """The value of `--set method.name=text`, or a usage error naming it."""
+        try:
+            if self.parse is not None:
+                return self.validate(method, self.parse(text))
+            if self.type is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            return self.validate(method, self.type(text))
+        except ValueError as exc:
+            detail = f": {exc}" if str(exc) else ""
+            raise UsageError(f"{self.where(method)} expects {self.describe_type()}, not {text!r}{detail}") from None
+
+    def validate(self, method: str, value: Any) -> Any:
+        """`value` if it is allowed, else a usage error in one line."""
+        where = self.where(method)
+        if self.choices and isinstance(value, str) and value not in self.choices and self.parse is None:
+            raise UsageError(f"{where} must be one of {', '.join(self.choices)}, not {value!r}")
+        if self.minimum is not None and value is not None and not value >= self.minimum:
+            raise UsageError(f"{where} must be at least {self.minimum:g}, not {value}")
+        problem = None if self.check is None or value is None else self.check(value)
+        if problem:
+            raise UsageError(f"{where} {problem}")
+        return value
+
+    def where(self, method: str) -> str:
+        """How an error names it: `smoothgrad.samples (--samples)`."""
+        return f"{method}.{self.name}" + (f" ({self.alias})" if self.alias else "")
+
+    def describe_type(self) -> str:
+        if self.choices:
+            return " | ".join(self.choices)
+        return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(self.type, "a value")
+
+    def to_json(self) -> dict[str, Any]:
+        plain = self.default is None or isinstance(self.default, int | float | str)
+        default = self.default if plain else str(self.default)
+        return {
+            "name": self.name,
+            "type": self.type.__name__,
+            "choices": list(self.choices),
+            "default": default,
+            "help": self.help,
+            "alias": self.alias,
+        }
+
+
+def colour_or(*words: str) -> Callable[[str], str | tuple[float, float, float]]:
+    """A `Setting.parse` for one of `words` or a colour R,G,B in 0-255."""
+
+    def parse(text: str) -> str | tuple[float, float, float]:
+        if text.lower() in words:
+            return text.lower()
+        try:
+            parts = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or not all(0 <= v <= 255 for v in parts):
+            raise ValueError(f"use {', '.join(words)} or R,G,B in 0-255")
+        return parts  # type: ignore[return-value]
+
+    return parse
+
+
+def colour_to_input(value: Any, spec: InputSpec) -> Any:
+    """A `Setting.to_input`: an R,G,B colour in 0-255 (or `black`) as normalised model input;
+    other words stay."""
+    if value == "black":
+        value = (0.0, 0.0, 0.0)
+    if isinstance(value, str):
+        return value
+    return tuple((v / 255.0 - m) / s for v, m, s in zip(value, spec.mean, spec.std, strict=True))
+
+
+def settings_of(cls: type[Method]) -> dict[str, Setting]:
+    """A method class's settings by name."""
+    return {s.name: s for s in cls.settings}
 
 
 @dataclass(frozen=True)
@@ -33,6 +142,10 @@ class CamContext:
     head_weight: Tensor | None  # (num_classes, C) of a GAP + linear head, if present
     forward: Callable[[Tensor], Tensor]  # batched logits of extra inputs (no grad)
     chunk_size: int  # how many extra inputs one forward may take
+    # logits of inputs[samples] with this layer's output replaced by `activations`, (N, C, h, w)
+    forward_layer: Callable[[Tensor, Tensor], Tensor] | None = None  # (activations, samples) -> logits
+    # this layer's activations and d(logit of targets)/d(activations) for extra inputs (N, 3, H, W)
+    gradients_at: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (inputs, targets)
 
 
 class Method:
@@ -47,7 +160,7 @@ class Method:
     needs_gradient: ClassVar[bool] = False
     needs_linear_head: ClassVar[bool] = False
     in_all: ClassVar[bool] = True  # False: a baseline or tool that `-m all` leaves out unless named
-    settings: ClassVar[tuple[str, ...]] = ()  # constructor keywords taken from CLI options
+    settings: ClassVar[Sequence[Setting]] = ()  # its options, each a constructor keyword
 
 
 class CamMethod(Method):
@@ -87,6 +200,33 @@ class InputGradientMethod(Method):
         """(S, B, 3, H, W) input gradients -> (B, 3, H, W) raw gradient (rendered as an
         image) or (B, H, W) map (relu, normalised and overlaid by the engine)."""
         return gradients.mean(0)
+
+    def output_modules(self, model: Any) -> list[Any]:
+        """Modules whose outputs' gradients the method also needs (FullGrad's biased layers)."""
+        return []
+
+    def finish(self, ctx: GradientContext) -> Tensor:
+        """The method's result from everything the pass saw; `reduce` of the gradients by default."""
+        return self.reduce(ctx.gradients)
+
+    def details(self, ctx: GradientContext, result: Tensor) -> dict[str, Tensor] | None:
+        """(B,) numbers per sample for the JSON (Integrated Gradients' completeness), or None."""
+        return None
+
+
+@dataclass(frozen=True)
+class GradientContext:
+    """What an input-gradient method may read for one batch and one target rank."""
+
+    gradients: Tensor  # (S, B, 3, H, W) d(target logit)/d(input) at each of `samples`
+    samples: Tensor  # (S, B, 3, H, W) the inputs `inputs_for` made
+    inputs: Tensor  # (B, 3, H, W) normalised model input
+    logits: Tensor  # (B, num_classes) of the clean input, detached
+    targets: Tensor  # (B,) class index per sample
+    forward: Callable[[Tensor], Tensor]  # batched logits of extra inputs (no grad)
+    chunk_size: int
+    modules: list[Any]  # `output_modules(model)`
+    module_gradients: list[Tensor]  # (S*B, C, h, w) d(target logit)/d(output) of each, samples first
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ from typing import TYPE_CHECKING
 
 from camcli.methods import register
 from camcli.methods.base import CamContext, CamMethod
+from camcli.methods.eigengradcam import principal_projection
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -30,15 +34,4 @@ class EigenCAM(CamMethod):
     cost = "1 forward + one SVD per image"
 
     def cam_map(self, ctx: CamContext) -> Tensor:
-        import torch
-
-        acts = ctx.activations.float()
-        batch, _, height, width = acts.shape
-        matrix = acts.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        matrix = matrix - matrix.mean(1, keepdim=True)
-        _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        projection = (matrix @ vh[:, 0, :, None]).squeeze(2)  # (B, h*w)
-        total = acts.sum(1).flatten(1)
-        agreement = ((projection - projection.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
-        sign = torch.where(agreement < 0, -1.0, 1.0).to(projection)
-        return (sign[:, None] * projection).view(batch, height, width)
+        return principal_projection(ctx.activations)

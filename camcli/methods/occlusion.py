@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from camcli.errors import OptionError, UsageError
 from camcli.methods import register
-from camcli.methods.base import ModelContext, PerturbationMethod
+from camcli.methods.base import ModelContext, PerturbationMethod, Setting, colour_or, colour_to_input
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +73,29 @@ class Occlusion(PerturbationMethod):
     needs = "P forwards (P = patch positions)"
     cost = "1 + P forwards"
     in_all = False
-    settings = ("patch", "stride", "fill", "occlusion_target")
+    settings = (
+        Setting("patch", int, 32, "patch side in model-input pixels", minimum=1, alias="--patch"),
+        Setting("stride", int, None, "patch step in pixels (default: patch/2)", minimum=1, alias="--stride"),
+        Setting(
+            "fill",
+            str,
+            "mean",
+            "what fills the patch: mean (the dataset mean), blur, or R,G,B in 0-255",
+            choices=("mean", "blur", "R,G,B"),
+            parse=colour_or("mean", "blur"),
+            to_input=colour_to_input,
+            alias="--occlusion-fill",
+        ),
+        Setting(
+            "occlusion_target",
+            str,
+            "class",
+            "what the occluder's effect is measured on: class (the target's probability), feature "
+            "(the layer's strongest channel) or winner (the most probable class, a label map)",
+            choices=TARGETS,
+            alias="--occlusion-target",
+        ),
+    )
 
     def __init__(
         self,
@@ -84,9 +106,7 @@ class Occlusion(PerturbationMethod):
     ) -> None:
         stride = max(1, patch // 2) if stride is None else stride  # default: patches overlap by half
         if patch < 1 or stride < 1:
-            raise OptionError(
-                f"{{patch}} and {{stride}} must be at least 1, not {patch} and {stride}", "patch", "stride"
-            )
+            raise UsageError(f"occlusion.patch and .stride must be at least 1, not {patch} and {stride}")
         if stride > patch:
             raise OptionError(
                 f"{{stride}} {stride} is larger than {{patch}} {patch}: some pixels would never be occluded",
@@ -94,7 +114,7 @@ class Occlusion(PerturbationMethod):
                 "patch",
             )
         if isinstance(fill, str) and fill not in ("mean", "blur"):
-            raise OptionError(f"{{fill}} must be mean, blur or R,G,B, not {fill!r}", "fill")
+            raise UsageError(f"occlusion.fill (--occlusion-fill) must be mean, blur or R,G,B, not {fill!r}")
         self.patch = patch
         self.stride = stride
         self.fill = fill  # "mean", "blur", or a colour in normalised input units

@@ -8,7 +8,7 @@ constant have no defined mask and get weight 0 (the official code skips them).
 All (sample, channel) pairs of a batch are flattened and run in chunks without
 autograd.
 
-`--scorecam-top N` is an opt-in approximation, never the default: only the N
+`--set scorecam.top=N` (`--scorecam-top N`) is an opt-in approximation, never the default: only the N
 non-constant channels with the largest mean activation of each image are scored
 (the others get weight 0), so an image costs 1 + N forwards instead of 1 + K.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from camcli.methods import register
-from camcli.methods.base import CamContext, CamMethod
+from camcli.methods.base import CamContext, CamMethod, Setting
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -32,10 +32,19 @@ class ScoreCAM(CamMethod):
     url = "https://arxiv.org/abs/1910.01279"
     needs = "K forwards (K = non-constant channels)"
     cost = "1 + K forwards"
-    settings = ("scorecam_top",)
+    settings = (
+        Setting(
+            "top",
+            int,
+            None,
+            "score only the N strongest channels (an approximation; default: all)",
+            minimum=1,
+            alias="--scorecam-top",
+        ),
+    )
 
-    def __init__(self, scorecam_top: int | None = None, align_corners: bool = False) -> None:
-        self.top = scorecam_top
+    def __init__(self, top: int | None = None, align_corners: bool = False) -> None:
+        self.top = top
         # False as in the official code; True reproduces pytorch-grad-cam's masks
         # (UpsamplingBilinear2d), for comparisons only: not a CLI option.
         self.align_corners = align_corners

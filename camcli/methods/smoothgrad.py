@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from camcli.errors import OptionError
 from camcli.methods import register
+from camcli.methods.base import Setting
 from camcli.methods.saliency import Saliency
 
 if TYPE_CHECKING:
@@ -30,13 +30,12 @@ class SmoothGrad(Saliency):
     url = "https://arxiv.org/abs/1706.03825"
     needs = "gradient to the input"
     cost = "n forwards + full backwards (--samples)"
-    settings = ("samples", "noise")
+    settings = (
+        Setting("samples", int, 25, "noisy copies of each image", minimum=1, alias="--samples"),
+        Setting("noise", float, 0.15, "noise std as a fraction of the input's range", minimum=0, alias="--noise"),
+    )
 
     def __init__(self, samples: int = 25, noise: float = 0.15) -> None:
-        if samples < 1:
-            raise OptionError(f"{{samples}} must be at least 1, not {samples}", "samples")
-        if not noise >= 0:
-            raise OptionError(f"{{noise}} must be a fraction >= 0 of the input range, not {noise}", "noise")
         self.samples = samples
         self.noise = noise
 
