@@ -26,7 +26,7 @@ from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import UsageError
 from camcli.io import decode_image
 from camcli.methods import list_methods, parse_methods
-from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layer
+from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layers
 from camcli.pipeline import _to_numpy, preprocess
 from camcli.render import heatmap_at_size
 
@@ -76,6 +76,7 @@ def explain(
     model: str | LoadedModel = DEFAULT_MODEL,
     weights: str | None = None,
     layer: str = "auto",
+    fuse: str = "mean",
     target: int | str | None = None,
     topk: int | None = None,
     device: str = "auto",
@@ -88,16 +89,18 @@ def explain(
     `images` is one image or a sequence (a 4-D array or tensor is a batch). `model`
     is a `--model` name or a `load_model` result (reuse it across calls: loading costs
     more than explaining a few images); `weights`, `labels` apply to a name only.
-    `target` (a class index or name) and `topk` work as `--target` and `--topk`.
+    `target` (a class index or name) and `topk` work as `--target` and `--topk`; `layer`
+    and `fuse` as `--layer` (auto, fine, a name, a,b) and `--fuse` (mean, product).
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
     torch_device = resolve_device(device)
     loaded.model.to(torch_device)
-    info = resolve_layer(loaded.model, layer, loaded.input, torch_device)
+    layers = resolve_layers(loaded.model, layer, loaded.input, torch_device)
+    info = layers[0]
     check_labels(loaded, info.num_classes, "labels")
     spec = methods if isinstance(methods, str) else ",".join(methods)
-    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size)
+    explainer = Explainer(loaded.model, layers, parse_methods(spec), chunk_size=chunk_size, fuse=fuse)
     target_spec = parse_target(None if target is None else str(target), topk, loaded.categories, info.num_classes)
     rgb = [_as_rgb(image) for image in _as_list(images)]
     results: list[ImageResult] = []

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from camcli import __version__, commands
 from camcli.boxes import load_boxes
-from camcli.engine import Explainer, parse_target, resolve_device
+from camcli.engine import FUSIONS, Explainer, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import summarise, table, write_summary
 from camcli.filters import AscentOptions, filter_grid, kernel_grid
@@ -32,7 +32,7 @@ from camcli.io import (
 )
 from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
-from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
+from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer, resolve_layers
 from camcli.pipeline import ExplainRun, RunOptions
 from camcli.render import COLORMAPS
 from camcli.report import write_report
@@ -130,8 +130,15 @@ def explain(
         str | None, typer.Option("--weights", help="DEFAULT, an enum member (IMAGENET1K_V1), none, or a .pth.")
     ] = None,
     layer: Annotated[
-        str, typer.Option("--layer", help="auto, a dotted module name, or a,b to fuse CAM maps of several.")
+        str,
+        typer.Option(
+            "--layer",
+            help="auto, fine (auto + the last stage at twice its resolution), a dotted name, or a,b to fuse several.",
+        ),
     ] = "auto",
+    fuse: Annotated[
+        str, typer.Option("--fuse", help=f"How several layers' maps become one: {', '.join(FUSIONS)}.")
+    ] = "mean",
     target: Annotated[
         str | None, typer.Option("-t", "--target", help="top1 (default), a class index or a class name.")
     ] = None,
@@ -252,6 +259,8 @@ def _explain(**opts: Any) -> int:
         raise UsageError(f"unknown overlay format {opts['overlay_format']!r}; use one of {', '.join(OVERLAY_FORMATS)}")
     if opts["target"] is not None and opts["topk"] is not None:
         raise UsageError("--target and --topk exclude each other")
+    if opts["fuse"] not in FUSIONS:
+        raise UsageError(f"unknown --fuse {opts['fuse']!r}; use one of {', '.join(FUSIONS)}")
     methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
@@ -275,12 +284,11 @@ def _explain(**opts: Any) -> int:
     )
     loaded.model.to(device)
     methods = parse_methods(opts["method"], _method_settings(opts, loaded.input))
-    names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
-    layers = [resolve_layer(loaded.model, name, loaded.input, device) for name in names or ["auto"]]
+    layers = resolve_layers(loaded.model, opts["layer"], loaded.input, device)
     layer = layers[0]
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
-    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"])
+    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"], fuse=opts["fuse"])
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
         return ExitCode.IMAGE_FAILED
@@ -294,6 +302,7 @@ def _explain(**opts: Any) -> int:
         "model": loaded.name,
         "weights": loaded.weights,
         "layer": explainer.layer_name,
+        **({"fuse": opts["fuse"]} if len(layers) > 1 else {}),  # one layer: nothing fused, JSON as before
         "methods": [m.name for m in methods],
         "target": opts["target"] or "top1",
         "topk": opts["topk"] or 1,
@@ -449,7 +458,8 @@ def evaluate(
     ] = "gradcam,gradcam++,scorecam",
     model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
     weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
-    layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name.")] = "auto",
+    layer: Annotated[str, typer.Option("--layer", help="As for explain: auto, fine, a name, or a,b.")] = "auto",
+    fuse: Annotated[str, typer.Option("--fuse", help=f"As for explain: {', '.join(FUSIONS)}.")] = "mean",
     input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
     mean: Annotated[str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
@@ -516,7 +526,8 @@ def compare(
     ] = "cam,gradcam,gradcam++,scorecam",
     model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
     weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
-    layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name.")] = "auto",
+    layer: Annotated[str, typer.Option("--layer", help="As for explain: auto, fine, a name, or a,b.")] = "auto",
+    fuse: Annotated[str, typer.Option("--fuse", help=f"As for explain: {', '.join(FUSIONS)}.")] = "mean",
     target: Annotated[str | None, typer.Option("-t", "--target", help="top1, a class index or name.")] = None,
     topk: Annotated[
         int | None, typer.Option("-k", "--topk", min=1, help="One row per each of the K best classes.")
@@ -587,16 +598,25 @@ def layers(
     json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
-    """The model's modules with output shapes (one dry forward); the layer --layer auto picks is marked."""
+    """The model's modules with output shapes (one dry forward); the layers --layer auto and fine pick are marked."""
     with _one_line_errors(debug):
         loaded = load_model(model, weights, input_size=input_size)
         torch_device = resolve_device(device)
         loaded.model.to(torch_device)
-        rows, auto, logits = commands.layer_rows(loaded.model, loaded.input, torch_device)
+        rows, auto, logits, fine = commands.layer_rows(loaded.model, loaded.input, torch_device)
     if json_out:
-        _print_json({"model": loaded.name, "auto": auto, "logits": logits, "layers": [vars(r) for r in rows]})
+        rows_json = [vars(r) for r in rows]
+        _print_json(
+            {
+                "model": loaded.name,
+                "auto": auto,
+                "fine": commands.fine_json(fine),
+                "logits": logits,
+                "layers": rows_json,
+            }
+        )
     else:
-        typer.echo(commands.format_layers(rows, auto, logits, loaded.name, depth))
+        typer.echo(commands.format_layers(rows, auto, logits, loaded.name, depth, fine))
 
 
 @app.command()

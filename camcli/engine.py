@@ -6,10 +6,11 @@ frozen for the call and the hooked activation is made a leaf that requires grad,
 so autograd records nothing before it and `torch.autograd.grad` computes no weight
 gradients. With several layers (`--layer a,b`) all are captured in that forward and
 one `torch.autograd.grad` call returns the gradients of all of them; each method's
-normalised maps are averaged. Input-gradient methods (guided backprop, saliency,
-SmoothGrad's noisy copies) take one more forward and a backward to the input;
-perturbation methods (occlusion) extra forwards without autograd. Every hook and every
-flag the engine changes is put back in `finally`, whatever a method raises.
+normalised maps are fused (`fuse`): averaged, or multiplied as RefineCAM does.
+Input-gradient methods (guided backprop, saliency, SmoothGrad's noisy copies) take one
+more forward and a backward to the input; perturbation methods (occlusion) extra
+forwards without autograd. Every hook and every flag the engine changes is put back in
+`finally`, whatever a method raises.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ _NON_RECTIFIER_FUNCTIONS = {
     F.prelu,
     F.softplus,
 }
+
+FUSIONS = ("mean", "product")  # how several layers' maps become one (`--fuse`)
 
 
 @dataclass(frozen=True)
@@ -256,8 +259,12 @@ class Explainer:
         *,
         chunk_size: int = 32,
         channels_last: bool = True,
+        fuse: str = "mean",
     ) -> None:
+        if fuse not in FUSIONS:
+            raise UsageError(f"unknown fusion {fuse!r}; use one of {', '.join(FUSIONS)}")
         self.model = model
+        self.fuse = fuse
         self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
         if not self.layers:
             raise UsageError("no layer given")
@@ -384,7 +391,7 @@ class Explainer:
             ]
             for method in self._cam:
                 with torch.no_grad():
-                    maps, flat = _fuse([normalise(method.cam_map(ctx).relu()) for ctx in contexts])
+                    maps, flat = _fuse([normalise(method.cam_map(ctx).relu()) for ctx in contexts], self.fuse)
                 results[method.name, rank] = Explanation(method.name, rank, self.layer_name, rank_targets, maps, flat)
         return logits.detach(), targets
 
@@ -462,16 +469,19 @@ class Explainer:
         return logits, targets
 
 
-def _fuse(normalised: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """One layer: its map. Several: the mean of their normalised maps at the finest
-    layer's resolution (bilinear), normalised again so every map spans [0, 1]."""
+def _fuse(normalised: list[tuple[Tensor, Tensor]], how: str = "mean") -> tuple[Tensor, Tensor]:
+    """One layer: its map. Several: the normalised maps, upsampled bilinearly to the finest
+    layer's resolution, then averaged (``mean``) or multiplied (``product``: RefineCAM's rule,
+    arXiv 2605.14641, a pixel stays hot only where every layer agrees, so the coarse layer
+    says where and the fine one how sharp), normalised again so every map spans [0, 1].
+    A product with a flat (all-zero) layer is flat."""
     if len(normalised) == 1:
         return normalised[0]
     size = max((maps.shape[-2:] for maps, _ in normalised), key=lambda s: s[0] * s[1])
-    upsampled = [
-        F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for maps, _ in normalised
-    ]
-    return normalise(torch.stack(upsampled).mean(0))
+    upsampled = torch.stack(
+        [F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for maps, _ in normalised]
+    )
+    return normalise(upsampled.prod(0) if how == "product" else upsampled.mean(0))
 
 
 def _gradient_flat(gradient: Tensor) -> Tensor:

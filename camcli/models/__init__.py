@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from camcli.models.layers import (
     POOLING_MODULES,
+    FineLayers,
     ForwardTrace,
     LayerInfo,
+    find_fine_partner,
+    grid_sequence,
+    resolve_fine,
     resolve_layer,
+    resolve_layers,
     trace_forward,
 )
 from camcli.models.spec import (
@@ -41,6 +46,7 @@ __all__ = [
     "IMAGENET_STD",
     "POOLING_MODULES",
     "TIMM_PREFIX",
+    "FineLayers",
     "ForwardTrace",
     "InputSpec",
     "LayerInfo",
@@ -50,6 +56,8 @@ __all__ = [
     "cached_state_dict",
     "check_labels",
     "default_input",
+    "find_fine_partner",
+    "grid_sequence",
     "imagenet_categories",
     "list_models",
     "load_model",
@@ -57,7 +65,9 @@ __all__ = [
     "read_state_dict",
     "read_weights_file",
     "register_source",
+    "resolve_fine",
     "resolve_layer",
+    "resolve_layers",
     "timm_cached_weights",
     "trace_forward",
 ]
