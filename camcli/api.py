@@ -26,7 +26,7 @@ from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import UsageError
 from camcli.io import decode_image, encode_image, json_text
 from camcli.methods import added_by_all, list_methods, parse_methods
-from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layer
+from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layers
 from camcli.pipeline import _kept, _to_numpy, choose_score, image_record, preprocess
 from camcli.render import comparison_grid, gradient_image, heatmap_at_size, overlay
 
@@ -97,6 +97,7 @@ def explain(
     model: str | LoadedModel = DEFAULT_MODEL,
     weights: str | None = None,
     layer: str = "auto",
+    fuse: str = "mean",
     target: int | str | None = None,
     topk: int | None = None,
     device: str = "auto",
@@ -114,22 +115,25 @@ def explain(
     more than explaining a few images); `weights`, `labels` apply to a name only.
     `target` (a class index or name, or ``"positive"`` with `threshold`) and `topk` work as
     `--target` and `--topk`, `score` as `--score`.
-    `settings` are methods' settings as `--set` takes them, `{"rise.masks": 500}`.
+    `settings` are methods' settings as `--set` takes them, `{"rise.masks": 500}`. `layer`
+    and `fuse` as `--layer` (auto, fine, a name, a,b) and `--fuse` (mean, product).
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
     torch_device = resolve_device(device)
     loaded.model.to(torch_device)
-    info = resolve_layer(loaded.model, layer, loaded.input, torch_device, output_key=loaded.output_key)
+    layers = resolve_layers(loaded.model, layer, loaded.input, torch_device, output_key=loaded.output_key)
+    info = layers[0]
     check_labels(loaded, info.num_classes, "labels")
     spec = methods if isinstance(methods, str) else ",".join(methods)
     explainer = Explainer(
         loaded.model,
-        info,
+        layers,
         parse_methods(spec, settings, loaded.input),
         chunk_size=chunk_size,
         output_key=loaded.output_key,
         optional=added_by_all(spec),
+        fuse=fuse,
     )
     target_spec = parse_target(
         None if target is None else str(target), topk, loaded.categories, info.num_classes, threshold

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from camcli import __version__
-from camcli.choices import SUBSTRATES
+from camcli.choices import FUSIONS, SUBSTRATES
 from camcli.errors import CamcliError, ExitCode, Interrupted, OptionError, UsageError
 from camcli.filters import AscentOptions
 from camcli.io import (
@@ -191,8 +191,15 @@ def explain(
         str | None, typer.Option("--weights", help="DEFAULT, an enum member (IMAGENET1K_V1), none, or a .pth.")
     ] = None,
     layer: Annotated[
-        str, typer.Option("--layer", help="auto, a dotted module name, or a,b to fuse CAM maps of several.")
+        str,
+        typer.Option(
+            "--layer",
+            help="auto, fine (auto + the last stage at twice its resolution), a dotted name, or a,b to fuse several.",
+        ),
     ] = "auto",
+    fuse: Annotated[
+        str, typer.Option("--fuse", help=f"How several layers' maps become one: {', '.join(FUSIONS)}.")
+    ] = "mean",
     target: Annotated[
         str | None,
         typer.Option("-t", "--target", help="top1 (default), positive (multi-label), a class index or a class name."),
@@ -377,6 +384,8 @@ def _explain(**opts: Any) -> int:
         raise UsageError(f"unknown overlay format {opts['overlay_format']!r}; use one of {', '.join(OVERLAY_FORMATS)}")
     if opts["target"] is not None and opts["topk"] is not None:
         raise UsageError("--target and --topk exclude each other")
+    if opts["fuse"] not in FUSIONS:
+        raise UsageError(f"unknown --fuse {opts['fuse']!r}; use one of {', '.join(FUSIONS)}")
     settings = _method_settings(opts)
     methods = parse_methods(opts["method"], settings)  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
@@ -443,15 +452,12 @@ def _explain(**opts: Any) -> int:
     _check_target_early(opts, box_index)
     device = _device(opts["device"])
     from camcli.engine import Explainer, parse_target
-    from camcli.models import check_labels, resolve_layer
+    from camcli.models import check_labels, resolve_layers
     from camcli.pipeline import ExplainRun, RunOptions, choose_score
 
     loaded = _load(opts, device)
     methods = parse_methods(opts["method"], settings, loaded.input)
-    names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
-    layers = [
-        resolve_layer(loaded.model, name, loaded.input, device, output_key=output_key) for name in names or ["auto"]
-    ]
+    layers = resolve_layers(loaded.model, opts["layer"], loaded.input, device, output_key=output_key)
     layer = layers[0]
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes, opts["threshold"])
@@ -463,6 +469,7 @@ def _explain(**opts: Any) -> int:
         chunk_size=opts["chunk_size"],
         output_key=output_key,
         optional=added_by_all(opts["method"]),
+        fuse=opts["fuse"],
     )
     if explainer.skipped:
         skipped = "; ".join(f"{name} ({why})" for name, why in explainer.skipped)
@@ -479,6 +486,7 @@ def _explain(**opts: Any) -> int:
         "model": loaded.name,
         "weights": loaded.weights,
         "layer": explainer.layer_name,
+        **({"fuse": opts["fuse"]} if len(layers) > 1 else {}),  # one layer: nothing fused, JSON as before
         "input": loaded.input.to_json(),
         **request,
         "methods": [m.name for m in explainer.methods],
@@ -717,7 +725,8 @@ def evaluate(
     ] = "gradcam,gradcam++,scorecam",
     model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
     weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
-    layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name.")] = "auto",
+    layer: Annotated[str, typer.Option("--layer", help="As for explain: auto, fine, a name, or a,b.")] = "auto",
+    fuse: Annotated[str, typer.Option("--fuse", help=f"As for explain: {', '.join(FUSIONS)}.")] = "mean",
     input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
     mean: Annotated[str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
@@ -795,7 +804,8 @@ def compare(
     ] = "cam,gradcam,gradcam++,scorecam",
     model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
     weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
-    layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name.")] = "auto",
+    layer: Annotated[str, typer.Option("--layer", help="As for explain: auto, fine, a name, or a,b.")] = "auto",
+    fuse: Annotated[str, typer.Option("--fuse", help=f"As for explain: {', '.join(FUSIONS)}.")] = "mean",
     target: Annotated[str | None, typer.Option("-t", "--target", help="top1, a class index or name.")] = None,
     topk: Annotated[
         int | None, typer.Option("-k", "--topk", min=1, help="One row per each of the K best classes.")
@@ -877,7 +887,7 @@ def layers(
     json_out: Annotated[bool, typer.Option("--json", help="JSON for machines.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
-    """The model's modules with output shapes (one dry forward); the layer --layer auto picks is marked."""
+    """The model's modules with output shapes (one dry forward); the layers --layer auto and fine pick are marked."""
     with _one_line_errors(debug):
         from camcli import commands
         from camcli.models import load_model
@@ -885,11 +895,20 @@ def layers(
         loaded = load_model(model, weights, input_size=input_size)
         torch_device = _device(device)
         loaded.model.to(torch_device)
-        rows, auto, logits = commands.layer_rows(loaded.model, loaded.input, torch_device)
+        rows, auto, logits, fine = commands.layer_rows(loaded.model, loaded.input, torch_device)
     if json_out:
-        _print_json({"model": loaded.name, "auto": auto, "logits": logits, "layers": [vars(r) for r in rows]})
+        rows_json = [vars(r) for r in rows]
+        _print_json(
+            {
+                "model": loaded.name,
+                "auto": auto,
+                "fine": commands.fine_json(fine),
+                "logits": logits,
+                "layers": rows_json,
+            }
+        )
     else:
-        typer.echo(commands.format_layers(rows, auto, logits, loaded.name, depth))
+        typer.echo(commands.format_layers(rows, auto, logits, loaded.name, depth, fine))
 
 
 @app.command()

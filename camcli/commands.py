@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # torch and the model sources load inside the commands that n
     import torch
     from torch import nn
 
+    from camcli.models import FineLayers
+
 # --- methods ----------------------------------------------------------------------------------
 
 
@@ -185,18 +187,24 @@ class LayerRow:
     calls: int
     auto: bool  # the layer `--layer auto` picks
     layout: str | None = None  # how its output reads as a map ("NHWC 7x7", "tokens 1+196 -> 14x14"); None: no map
+    fine: bool = False  # the finer stage `--layer fine` fuses with the auto layer
 
 
-def layer_rows(model: nn.Module, spec: InputSpec, device: torch.device) -> tuple[list[LayerRow], str, list[int]]:
-    """Every named module with its output shape from one dry forward, and the auto layer.
+def layer_rows(
+    model: nn.Module, spec: InputSpec, device: torch.device
+) -> tuple[list[LayerRow], str, list[int], FineLayers]:
+    """Every named module with its output shape from one dry forward, the auto layer and
+    what `--layer fine` fuses.
 
-    The same trace feeds `resolve_layer`, so the marked layer is the one `explain` uses.
+    The same trace feeds `resolve_layer` and `resolve_fine`, so the marked layers are the
+    ones `explain` uses.
     """
-    from camcli.models import resolve_layer, trace_forward
+    from camcli.models import resolve_fine, resolve_layer, trace_forward
     from camcli.models.layouts import Layout
 
     trace = trace_forward(model, spec, device)
     auto = resolve_layer(model, "auto", spec, device, trace=trace).name
+    fine = resolve_fine(model, spec, device, trace=trace)
     shapes: dict[str, list[int]] = {}
     calls: dict[str, int] = {}
     layouts: dict[str, str | None] = {}
@@ -213,26 +221,44 @@ def layer_rows(model: nn.Module, spec: InputSpec, device: torch.device) -> tuple
             calls.get(name, 0),
             name == auto,
             layouts.get(name),
+            name == fine.partner,
         )
         for name, module in model.named_modules()
         if name
     ]
-    return rows, auto, list(trace.logits.shape)
+    return rows, auto, list(trace.logits.shape), fine
+
+
+def fine_text(fine: FineLayers) -> str:
+    """`--layer fine = a + b`, or why it is the auto layer alone."""
+    if fine.partner is None:
+        return f"--layer fine = {fine.auto} alone ({fine.reason})"
+    return f"--layer fine = {fine.partner} + {fine.auto}"
+
+
+def fine_json(fine: FineLayers) -> dict[str, Any]:
+    return {"layers": fine.names, "reason": fine.reason}
 
 
 def format_layers(
-    rows: list[LayerRow], auto: str, logits: list[int], model_name: str, max_depth: int | None = None
+    rows: list[LayerRow],
+    auto: str,
+    logits: list[int],
+    model_name: str,
+    max_depth: int | None = None,
+    fine: FineLayers | None = None,
 ) -> str:
-    shown = [r for r in rows if max_depth is None or r.depth < max_depth or r.auto]
+    shown = [r for r in rows if max_depth is None or r.depth < max_depth or r.auto or r.fine]
     width = max((2 * r.depth + len(r.name) for r in shown), default=10)
     type_width = max((len(r.type) for r in shown), default=4)
     shape_width = max(
         (len(_shape(r.shape) + (f" x{r.calls}" if r.calls > 1 else "")) for r in shown if r.shape), default=1
     )
-    lines = [f"{model_name}: logits {_shape(logits)}; --layer auto = {auto}"]
+    header = f"{model_name}: logits {_shape(logits)}; --layer auto = {auto}"
+    lines = [header if fine is None else f"{header}; {fine_text(fine)}"]
     for r in shown:
         shape = (_shape(r.shape) if r.shape is not None else "-") + (f" x{r.calls}" if r.calls > 1 else "")
-        mark = "  <- auto" if r.auto else ""
+        mark = "  <- auto" if r.auto else "  <- fine" if r.fine else ""
         read = f"  {r.layout}" if r.layout else ""
         line = f"{'  ' * r.depth + r.name:<{width}}  {r.type:<{type_width}}  {shape:<{shape_width}}{read}{mark}"
         lines.append(line.rstrip())

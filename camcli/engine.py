@@ -6,8 +6,8 @@ frozen for the call and the hooked activation is made a leaf that requires grad,
 so autograd records nothing before it and `torch.autograd.grad` computes no weight
 gradients. With several layers (`--layer a,b`) all are captured in that forward and
 one `torch.autograd.grad` call returns the gradients of all of them; each method's
-normalised maps are averaged. Input-gradient methods (guided backprop, saliency,
-SmoothGrad's noisy copies) take one more forward and a backward to the input;
+normalised maps are fused (`fuse`): averaged, or multiplied as RefineCAM does.
+Input-gradient methods (guided backprop, saliency, SmoothGrad's noisy copies) take one more forward and a backward to the input;
 perturbation methods (occlusion) extra forwards without autograd; attention methods
 (LeGrad, rollouts) one forward that captures every block's attention (`camcli.attention`)
 and, when they need gradients, backwards to those attentions only. Every hook and every
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from camcli.attention import Transformer, capture_attention, find_transformer
+from camcli.choices import FUSIONS  # re-exported: how several layers' maps become one
 from camcli.errors import MethodNotApplicable, OptionError, UsageError
 from camcli.methods import (
     AttentionContext,
@@ -386,10 +387,14 @@ class Explainer:
         channels_last: bool = True,
         output_key: OutputKey = None,
         optional: Collection[str] = (),
+        fuse: str = "mean",
     ) -> None:
         """`optional` names methods (those `-m all` added) that are skipped, with the reason in
         `skipped`, where they do not apply; any other method that does not apply raises."""
+        if fuse not in FUSIONS:
+            raise UsageError(f"unknown fusion {fuse!r}; use one of {', '.join(FUSIONS)}")
         self.model = model
+        self.fuse = fuse
         self.net = logits_model(model, output_key)  # calls return logits (camcli.models.outputs)
         self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
         if not self.layers:
@@ -471,6 +476,7 @@ class Explainer:
             chunk_size=self.chunk_size,
             channels_last=self.memory_format is torch.channels_last,
             output_key=self._output_key,
+            fuse=self.fuse,
         )
         other._in_session = self._in_session
         return other
@@ -586,7 +592,7 @@ class Explainer:
             for method in self._cam:
                 with torch.no_grad():
                     raw = [method.cam_map(ctx) for ctx in contexts]
-                    maps, flat = _fuse([normalise(r.relu()) for r in raw])
+                    maps, flat = _fuse([normalise(r.relu()) for r in raw], self.fuse)
                 results[method.name, rank] = Explanation(
                     method.name,
                     rank,
@@ -800,16 +806,19 @@ def _attention_grad(score: Tensor, attentions: list[Tensor]) -> list[Tensor]:
     return list(gradients)
 
 
-def _fuse(normalised: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """One layer: its map. Several: the mean of their normalised maps at the finest
-    layer's resolution (bilinear), normalised again so every map spans [0, 1]."""
+def _fuse(normalised: list[tuple[Tensor, Tensor]], how: str = "mean") -> tuple[Tensor, Tensor]:
+    """One layer: its map. Several: the normalised maps, upsampled bilinearly to the finest
+    layer's resolution, then averaged (``mean``) or multiplied (``product``: RefineCAM's rule,
+    arXiv 2605.14641, a pixel stays hot only where every layer agrees, so the coarse layer
+    says where and the fine one how sharp), normalised again so every map spans [0, 1].
+    A product with a flat (all-zero) layer is flat."""
     if len(normalised) == 1:
         return normalised[0]
     size = max((maps.shape[-2:] for maps, _ in normalised), key=lambda s: s[0] * s[1])
-    upsampled = [
-        F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for maps, _ in normalised
-    ]
-    return normalise(torch.stack(upsampled).mean(0))
+    upsampled = torch.stack(
+        [F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0] for maps, _ in normalised]
+    )
+    return normalise(upsampled.prod(0) if how == "product" else upsampled.mean(0))
 
 
 def _single_raw(raw: list[Tensor]) -> Tensor | None:

@@ -12,7 +12,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from camcli.models.layers import POOLING_MODULES, ForwardTrace, LayerInfo, resolve_layer, trace_forward
+    from camcli.models.layers import (
+        POOLING_MODULES,
+        FineLayers,
+        ForwardTrace,
+        LayerInfo,
+        find_fine_partner,
+        grid_sequence,
+        resolve_fine,
+        resolve_layer,
+        resolve_layers,
+        trace_forward,
+    )
     from camcli.models.spec import (
         DEFAULT_MODEL,
         IMAGENET_MEAN,
@@ -35,7 +46,18 @@ if TYPE_CHECKING:
     from camcli.models.zoo import ModelSource, list_models, load_model, register_source
 
 _WHERE = {
-    "layers": ("POOLING_MODULES", "ForwardTrace", "LayerInfo", "resolve_layer", "trace_forward"),
+    "layers": (
+        "POOLING_MODULES",
+        "FineLayers",
+        "ForwardTrace",
+        "LayerInfo",
+        "find_fine_partner",
+        "grid_sequence",
+        "resolve_fine",
+        "resolve_layer",
+        "resolve_layers",
+        "trace_forward",
+    ),
     "spec": (
         "DEFAULT_MODEL",
         "IMAGENET_MEAN",
@@ -55,19 +77,22 @@ _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names
 
 __all__ = [
     "DEFAULT_MODEL",
-    "ForwardTrace",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "POOLING_MODULES",
+    "TIMM_PREFIX",
+    "FineLayers",
+    "ForwardTrace",
     "InputSpec",
     "LayerInfo",
     "LoadedModel",
     "ModelSource",
-    "POOLING_MODULES",
-    "TIMM_PREFIX",
     "apply_state_dict",
     "cached_state_dict",
     "check_labels",
     "default_input",
+    "find_fine_partner",
+    "grid_sequence",
     "imagenet_categories",
     "list_models",
     "load_model",
@@ -75,7 +100,9 @@ __all__ = [
     "read_state_dict",
     "read_weights_file",
     "register_source",
+    "resolve_fine",
     "resolve_layer",
+    "resolve_layers",
     "timm_cached_weights",
     "trace_forward",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -276,3 +277,126 @@ def input_channels(model: nn.Module) -> int | None:
         if isinstance(module, nn.Conv2d):
             return int(module.in_channels)
     return None
+
+
+# -- the `fine` preset: the auto layer and the last stage of twice its resolution ----------------
+
+
+@dataclass(frozen=True)
+class FineLayers:
+    """What `--layer fine` resolves to: the auto layer and, when the model has one, the last
+    stage whose grid is twice the auto layer's (`partner` None, with the reason, otherwise)."""
+
+    auto: str
+    partner: str | None
+    reason: str | None = None  # why there is no partner (a plain ViT, no finer stage)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.auto] if self.partner is None else [self.partner, self.auto]
+
+
+def nchw_grid(output: Tensor) -> tuple[int, int] | None:
+    """The spatial grid of a (B, C, H, W) feature map, None for anything else."""
+    if output.ndim == 4 and output.shape[2] > 1 and output.shape[3] > 1:
+        return int(output.shape[2]), int(output.shape[3])
+    return None
+
+
+def grid_sequence(
+    trace: ForwardTrace,
+    modules: dict[str, nn.Module],
+    grid_of: Callable[[str, Tensor], tuple[int, int] | None] | None = None,
+) -> list[tuple[str, tuple[int, int]]]:
+    """(module name, output grid) in execution order, for every module whose output is a
+    spatial feature map; `grid_of(name, output)` reads the grid (default: NCHW), so an
+    adapter for NHWC stages or token sequences can supply its own reading."""
+    layouts = trace.layouts or [None] * len(trace.calls)
+
+    def by_layout(layout: Layout | str | None, name: str, output: Tensor) -> tuple[int, int] | None:
+        if grid_of is not None:
+            return grid_of(name, output)
+        if isinstance(layout, Layout):  # the layer read by its detected layout (NHWC stages, tokens)
+            return layout.grid if layout.grid[0] > 1 and layout.grid[1] > 1 else None
+        return None if trace.layouts else nchw_grid(output)
+
+    pairs = []
+    for (name, output, _), layout in zip(trace.calls, layouts, strict=True):
+        if isinstance(modules.get(name), POOLING_MODULES):
+            continue
+        grid = by_layout(layout, name, output)
+        if grid is not None:
+            pairs.append((name, grid))
+    return pairs
+
+
+def find_fine_partner(grids: list[tuple[str, tuple[int, int]]], auto: str) -> tuple[str | None, str | None]:
+    """The last module, in execution order before `auto`, whose output grid is exactly twice
+    `auto`'s: a stage output, not a tensor inside the block that halves the grid.
+
+    A module counts only if no enclosing module (a dotted-name prefix that is not also an
+    enclosing module of `auto`) outputs another grid: inside ResNet's ``layer4.0`` or Lite0's
+    ``_blocks.11`` the expand convolution still runs at 2x, but the block as a whole halves
+    the grid, so those tensors are mid-block. Among the rest the last call wins, which is the
+    outermost module of a stage (its hook fires after its children's). Works on any
+    (name, grid) pairs, whatever layout the grid was read from. Returns (name, None) or
+    (None, the reason there is none).
+    """
+    seen = [(i, name, grid) for i, (name, grid) in enumerate(grids) if name == auto]
+    if not seen:
+        return None, f"the auto layer {auto!r} has no spatial grid"
+    end, _, (height, width) = seen[-1]
+    wanted = (2 * height, 2 * width)
+    grid_of = {name: grid for name, grid in grids}
+    auto_parents = {auto.rsplit(".", i)[0] for i in range(1, auto.count(".") + 1)} | {auto}
+
+    def enclosing(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+    candidates = [
+        name
+        for name, grid in grids[:end]
+        if grid == wanted
+        and all(grid_of.get(parent, wanted) == wanted for parent in enclosing(name) if parent not in auto_parents)
+    ]
+    if candidates:
+        return candidates[-1], None
+    earlier = {grid for name, grid in grids[:end]}
+    if earlier and earlier <= {(height, width)}:
+        return None, (
+            f"every block outputs the same {height}x{width} grid (a plain vision transformer or an "
+            "isotropic network): there is no finer stage, so fine = auto"
+        )
+    return None, f"no stage outputs a {wanted[0]}x{wanted[1]} grid before {auto!r}, so fine = auto"
+
+
+def resolve_fine(
+    model: nn.Module,
+    spec: InputSpec,
+    device: torch.device,
+    trace: ForwardTrace | None = None,
+    grid_of: Callable[[str, Tensor], tuple[int, int] | None] | None = None,
+) -> FineLayers:
+    """`--layer fine`: the auto layer and the last stage of twice its resolution, from one traced forward."""
+    trace = trace or trace_forward(model, spec, device)
+    auto = resolve_layer(model, "auto", spec, device, trace=trace).name
+    partner, reason = find_fine_partner(grid_sequence(trace, dict(model.named_modules()), grid_of), auto)
+    return FineLayers(auto, partner, reason)
+
+
+def resolve_layers(
+    model: nn.Module, layer: str, spec: InputSpec, device: torch.device, output_key: OutputKey = None
+) -> list[LayerInfo]:
+    """`--layer` as given: ``auto``, ``fine`` (see `resolve_fine`), a dotted name, or a
+    comma list of them to fuse; duplicates are dropped, order kept."""
+    names: list[str] = []
+    for name in (part.strip() for part in layer.split(",")):
+        if name == "fine":
+            names += resolve_fine(model, spec, device, trace_forward(model, spec, device, output_key=output_key)).names
+        elif name:
+            names.append(name)
+    names = list(dict.fromkeys(names or ["auto"]))
+    infos = [resolve_layer(model, name, spec, device, output_key=output_key) for name in names]
+    unique = {info.name: info for info in infos}  # "auto" and its resolved name are one layer
+    return list(unique.values())
