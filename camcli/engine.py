@@ -9,8 +9,9 @@ one `torch.autograd.grad` call returns the gradients of all of them; each method
 normalised maps are fused (`fuse`): averaged, or multiplied as RefineCAM does.
 Input-gradient methods (guided backprop, saliency, SmoothGrad's noisy copies) take one
 more forward and a backward to the input; perturbation methods (occlusion) extra
-forwards without autograd; attention methods (LeGrad, rollouts) one forward that captures every block's attention (`camcli.attention`)
-and, when they need gradients, backwards to those attentions only. Every hook and every
+forwards without autograd; attention methods (LeGrad, rollouts) one forward that
+captures every block's attention (`camcli.attention`) and, when they need gradients,
+backwards to those attentions only. Every hook and every
 flag the engine changes is put back in `finally`, whatever a method raises.
 """
 
