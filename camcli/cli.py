@@ -340,7 +340,7 @@ def _collect(opts: dict[str, Any]) -> list[InputItem]:
 def _load(opts: dict[str, Any], device: Any) -> LoadedModel:
     """--model, --weights, --input-size, --mean, --std (and --labels where offered), on `device`."""
     from camcli.models import load_model
-    from camcli.models.outputs import parse_output_key
+    from camcli.models.spec import parse_output_key
 
     loaded = load_model(
         opts["model"],
@@ -403,7 +403,7 @@ def _explain(**opts: Any) -> int:
             raise UsageError(no_images_message(opts["inputs"]))
     if opts["draw_boxes"] and opts["box_threshold"] is None:
         raise UsageError("--draw-boxes draws the boxes of --box-threshold F (e.g. 0.15): give it too")
-    from camcli.models.outputs import parse_output_key
+    from camcli.models.spec import parse_output_key
 
     output_key = parse_output_key(opts["output_key"])
     positive = opts["target"] is not None and opts["target"].lower() == "positive"

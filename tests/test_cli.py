@@ -169,7 +169,6 @@ def test_target_by_name(tmp_path, samples_dir) -> None:
         (["--batch-size", "abc"], "--batch-size"),
         (["--no-such-option"], "No such option"),
         (["--model", "resnet"], "unknown model"),
-        (["--model", "vit_b_16"], "not supported yet"),
         (["--model", "vgg11", "--weights", "none", "-m", "cam"], "use gradcam"),
     ],
 )

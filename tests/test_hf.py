@@ -230,12 +230,16 @@ def test_swin_position_bias_named_explicitly_is_refused(saved, tmp_path) -> None
     assert result.exit_code == 2 and "token" in result.stderr
 
 
-def test_channels_last_output_named_explicitly_is_refused(saved, tmp_path) -> None:
+def test_channels_last_output_named_explicitly_is_read_as_nhwc(saved, tmp_path) -> None:
     path = tmp_path / "img.png"
     cv2.imwrite(str(path), _image(40))
     layer = "convnext.encoder.stages.1.layers.0.pwconv2"  # nn.Linear on (B, H, W, C)
-    result = runner.invoke(app, ["explain", str(path), "--model", f"hf:{saved['convnext']}", "--layer", layer])
-    assert result.exit_code == 2 and "channels last" in result.stderr
+    out = tmp_path / "out"
+    args = ["explain", str(path), "--model", f"hf:{saved['convnext']}", "--layer", layer, "-o", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (explanation,) = json.loads((out / "img.png.json").read_text())["explanations"]
+    assert explanation["layout"].startswith("NHWC")
 
 
 def _cache(saved: dict[str, Path], hf_home: Path) -> None:

@@ -102,6 +102,6 @@ def test_winner_occlusion_writes_a_label_map(tmp_path: Path, samples_dir: Path) 
     indices = {c["index"] for c in entry["classes"]}
     assert indices & CAT_CLASSES and indices & COFFEE_CLASSES
     assert abs(sum(c["share"] for c in entry["classes"]) - 1) < 1e-6
-    assert record["request"]["method_options"]["occlusion_target"] == "winner"
+    assert record["request"]["method_options"]["occlusion.occlusion_target"] == "winner"
     picture = cv2.imread(str(tmp_path / "out" / entry["overlay"]))
     assert picture.shape[1] == 448 and picture.shape[0] > 224  # the picture, then the legend below

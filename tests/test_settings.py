@@ -90,6 +90,7 @@ def test_cli_set_reaches_the_request_and_methods_lists_settings(tmp_path, sample
         "patch",
         "stride",
         "fill",
+        "occlusion_target",
     }
     image = str(samples_dir / "skimage_chelsea.png")
     args = [*base, "explain", image, "-o", str(tmp_path), "-q", "--model", "resnet18", "--weights", "none"]

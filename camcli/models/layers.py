@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from camcli.errors import UsageError
-from camcli.models.layouts import NCHW_DEFAULT, Layout, detect, model_hints
+from camcli.models.layouts import AMBIGUOUS, NCHW_DEFAULT, Layout, detect, model_hints
 from camcli.models.outputs import OutputKey, raw_output, select_logits
 from camcli.models.spec import InputSpec
 
@@ -127,6 +127,7 @@ def trace_forward(
                 detect(tuple(out.shape), size, 1, evidence, modules[name]) if isinstance(layout, str) else layout
                 for (name, out, _), layout in zip(calls, layouts, strict=True)
             ]
+    layouts = _inherit_layouts(calls, layouts)
     source = next((i for i, o in reversed(features) if o is logits), logits)
     if hasattr(model, "unroll") and hasattr(model, "reroll"):  # timm Hiera: tokens unrolled but in the last stage
         grids = [layout.grid for layout in layouts if isinstance(layout, Layout) and layout.kind == "tokens"]
@@ -147,6 +148,23 @@ def trace_forward(
         layouts,
         reaches,
     )
+
+
+def _inherit_layouts(calls: list[tuple[str, Tensor, int]], layouts: list[Layout | str]) -> list[Layout | str]:
+    """A 4-D output that reads as NCHW and NHWC alike (a ReLU after a convolution on a tiny
+    grid) takes the layout of the latest earlier output of the very same shape that its
+    module settled (the convolution feeding it): element-wise layers keep their input's
+    layout. With no such output it stays refused."""
+    settled: dict[tuple[int, ...], Layout] = {}
+    result: list[Layout | str] = []
+    for (_, out, _), layout in zip(calls, layouts, strict=True):
+        shape = tuple(out.shape)
+        if isinstance(layout, Layout):
+            settled[shape] = layout
+        elif AMBIGUOUS in layout and shape in settled:
+            layout = settled[shape]
+        result.append(layout)
+    return result
 
 
 def _gradient_reaches(source: Tensor, calls: list[tuple[str, Tensor, int]], layouts: list[Layout | str]) -> list[bool]:

@@ -62,18 +62,22 @@ class Layout:
 
 
 NCHW_DEFAULT = Layout("NCHW", (0, 0))
+# Pixels unpadded ("valid") convolutions may lose at the border: a 7x7, or three 3x3 in a row.
+BORDER_LOSS = 6
+AMBIGUOUS = "nothing tells which"  # the words of a refusal that the model's graph may settle
 
 
 def grid_stride(size: int, cells: int) -> int | None:
     """The integer stride mapping `size` input pixels onto `cells` grid cells, if any.
 
     Allows what padding-free convolutions lose at the border (PiT: 224 -> 27 at stride
-    8; Inception: 299 -> 8 at stride 32): |size - cells * stride| <= max(stride, 5% of size).
+    8; Inception: 299 -> 8 at stride 32; LeNet: 28 -> 24 after a 5x5 convolution):
+    |size - cells * stride| <= max(stride, 5% of size, BORDER_LOSS).
     """
     if not 1 < cells <= size:
         return None
     for stride in sorted({max(1, size // cells), max(1, round(size / cells)), -(-size // cells)}):
-        if abs(size - cells * stride) <= max(stride, 0.05 * size):
+        if abs(size - cells * stride) <= max(stride, 0.05 * size, BORDER_LOSS):
             return stride
     return None
 
@@ -164,7 +168,7 @@ def detect(
             evidence = _channels_first_module(module)
             if evidence is None:
                 return (
-                    f"{where}: reads as NCHW or NHWC and nothing tells which "
+                    f"{where}: reads as NCHW or NHWC and {AMBIGUOUS} "
                     f"(a {type(module).__name__} output); refused rather than guessed"
                 )
             readings = [readings[0] if evidence else readings[1]]

@@ -26,15 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from camcli.errors import UsageError
-
-OutputKey = str | int | None
-
-
-def parse_output_key(value: str | None) -> OutputKey:
-    """`--output-key`: an index for a tuple/list when it is a digit string, else a name."""
-    if value is None or value == "":
-        return None
-    return int(value) if value.isdigit() else value
+from camcli.models.spec import OutputKey, parse_output_key  # noqa: F401 - torch-free, re-exported
 
 
 def select_logits(output: Any, key: OutputKey = None) -> Tensor:

@@ -22,6 +22,7 @@ DEFAULT_MODEL = "efficientnet_lite0"
 TIMM_PREFIX = "timm:"  # --model timm:NAME[.TAG]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+OutputKey = str | int | None  # --output-key: a name or an index of the model's output (camcli.models.outputs)
 WEIGHT_SUFFIXES = {".pth", ".pt", ".bin", ".ckpt", ".safetensors"}
 
 
@@ -129,3 +130,10 @@ def check_labels(loaded: LoadedModel, num_classes: int, source: str = "--labels"
     """Refuse class names whose count differs from the model's outputs (every index must have a name)."""
     if loaded.categories is not None and len(loaded.categories) != num_classes:
         raise UsageError(f"{source}: {len(loaded.categories)} class names for a model with {num_classes} outputs")
+
+
+def parse_output_key(value: str | None) -> OutputKey:
+    """`--output-key`: an index for a tuple/list when it is a digit string, else a name."""
+    if value is None or value == "":
+        return None
+    return int(value) if value.isdigit() else value
