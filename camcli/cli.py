@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from camcli import __version__, commands
 from camcli.boxes import load_boxes
-from camcli.engine import Explainer, parse_target, resolve_device
+from camcli.engine import SMOOTHINGS, Explainer, parse_contrast, parse_target, resolve_device
 from camcli.errors import CamcliError, ExitCode, UsageError
 from camcli.evaluate import summarise, table, write_summary
 from camcli.filters import AscentOptions, filter_grid, kernel_grid
@@ -209,6 +209,13 @@ def explain(
             help="Score-CAM: score only the N strongest channels (an approximation; default: all).",
         ),
     ] = None,
+    contrast: Annotated[
+        str | None,
+        typer.Option("--contrast", help="CAM family: why the target rather than this class (index, name or second)."),
+    ] = None,
+    smooth: Annotated[
+        str | None, typer.Option("--smooth", help=f"CAM family: {' or '.join(SMOOTHINGS)} (flips x scales, or PCA).")
+    ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
@@ -280,7 +287,10 @@ def _explain(**opts: Any) -> int:
     layer = layers[0]
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
-    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"])
+    contrast = parse_contrast(opts["contrast"], loaded.categories, layer.num_classes)
+    explainer = Explainer(
+        loaded.model, layers, methods, chunk_size=opts["chunk_size"], contrast=contrast, smooth=opts["smooth"]
+    )
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
         return ExitCode.IMAGE_FAILED
@@ -309,6 +319,9 @@ def _explain(**opts: Any) -> int:
         }
     if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
         request["grid"] = True
+    for option in ("contrast", "smooth"):  # likewise: only when given
+        if opts[option] is not None:
+            request[option] = opts[option]
     method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}
     if method_options:  # a changed --samples or --scorecam-top redoes the images
         request["method_options"] = method_options

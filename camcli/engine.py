@@ -10,6 +10,12 @@ normalised maps are averaged. Input-gradient methods (guided backprop, saliency,
 SmoothGrad's noisy copies) take one more forward and a backward to the input;
 perturbation methods (occlusion) extra forwards without autograd. Every hook and every
 flag the engine changes is put back in `finally`, whatever a method raises.
+
+Guided backprop beside CAM methods shares their forward: the rectifiers take the plain
+rule for the CAM gradients and switch to the guided rule for the input gradient.
+`--contrast` changes the score whose gradient is taken to y_c - y_c'; `--smooth aug`
+runs the CAM forward on flipped and intensity-scaled copies and averages the maps put
+back; `--smooth eigen` takes the first principal component of w_c A_c instead of its sum.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from camcli.methods import (
     PerturbationMethod,
     get_method,
 )
+from camcli.methods.eigencam import principal_projection
 from camcli.models import LayerInfo
 
 # Activation modules whose backward guided backprop does not define.
@@ -90,6 +97,27 @@ class TargetSpec:
         return list(ranked.unbind(1))
 
 
+SMOOTHINGS = ("aug", "eigen")
+# pytorch-grad-cam's aug_smooth: ttach's HorizontalFlip x Multiply(0.9, 1, 1.1) of the model input
+_AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+_IDENTITY = _AUGMENTATIONS.index((False, 1.0))
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """`--contrast`: explain "why the target rather than c'" from the gradient of y_c - y_c'."""
+
+    index: int | None = None  # None ("second"): each sample's best class other than its target
+
+    def resolve(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """(B,) the class each target is set against."""
+        if self.index is None:
+            return logits.detach().scatter(1, targets[:, None], -math.inf).argmax(1)
+        if bool((targets == self.index).any()):
+            raise UsageError(f"--contrast {self.index} is the target itself; contrast another class or 'second'")
+        return torch.full_like(targets, self.index)
+
+
 @dataclass
 class Explanation:
     """One method's result for a batch and one target rank."""
@@ -101,6 +129,7 @@ class Explanation:
     maps: Tensor  # heatmaps: (B, h, w) in [0, 1]; gradients: (B, 3, H, W), raw; tiles: (B, N, h, w)
     flat: Tensor  # (B,) True where the map had no variation (written as zeros)
     channels: Tensor | None = None  # tiles: (B, N) channel index of each tile
+    contrasts: Tensor | None = None  # --contrast: (B,) the class each target was set against
 
     @property
     def is_gradient(self) -> bool:
@@ -188,6 +217,24 @@ class _Rectifier(torch.autograd.Function):
         return ctx.rule(grad_out, x, ctx.lo, ctx.hi), None, None, None
 
 
+def _plain_rectifier_backward(grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
+    """autograd's own gradient of clamp(x, lo, hi): grad_out where lo < x < hi."""
+    if math.isinf(hi):
+        return torch.ops.aten.threshold_backward(grad_out, x, lo)
+    return torch.ops.aten.hardtanh_backward(grad_out, x, lo, hi)
+
+
+class _SwitchedRule:
+    """A rectifier rule read at backward time, so one forward serves a plain backward
+    (the CAM gradients) and then a guided one (the input gradient)."""
+
+    def __init__(self, rule: Callable[..., Tensor]) -> None:
+        self.rule = rule
+
+    def __call__(self, grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
+        return self.rule(grad_out, x, lo, hi)
+
+
 class _RectifierMode(TorchFunctionMode):
     """Routes every ReLU/ReLU6 call (module or functional, in-place or not) through
     `_Rectifier`; refuses activations the rule is not defined for."""
@@ -256,8 +303,14 @@ class Explainer:
         *,
         chunk_size: int = 32,
         channels_last: bool = True,
+        contrast: Contrast | None = None,
+        smooth: str | None = None,
     ) -> None:
         self.model = model
+        self.contrast = contrast
+        if smooth is not None and smooth not in SMOOTHINGS:
+            raise UsageError(f"unknown smoothing {smooth!r}; use one of {', '.join(SMOOTHINGS)}")
+        self.smooth = smooth
         self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
         if not self.layers:
             raise UsageError("no layer given")
@@ -297,6 +350,17 @@ class Explainer:
                     )
         if self._layer_image and len(self.layers) > 1:
             raise UsageError(f"{self._layer_image[0].name} shows one layer; name one with --layer")
+        for option, given in (("--contrast", self.contrast is not None), ("--smooth", self.smooth is not None)):
+            others = [m.name for m in self.methods if not isinstance(m, CamMethod)]
+            if given and others:
+                raise UsageError(f"{option} applies to CAM-family methods, not to {', '.join(others)}")
+        for method in self._cam:
+            if self.contrast is not None and not (method.needs_gradient or method.needs_linear_head):
+                raise UsageError(f"--contrast needs a gradient or a linear head; {method.name} uses neither")
+            if self.contrast is not None and type(method).score is not CamMethod.score:
+                raise UsageError(f"{method.name} chooses its own contrast classes; leave out --contrast")
+            if self.smooth == "eigen" and type(method).cam_map is not CamMethod.cam_map:
+                raise UsageError(f"--smooth eigen needs channel weights; {method.name} computes its map otherwise")
         guided = [m for m in self._gradient if m.rectifier_backward is not None]
         if guided:
             for name, module in self.model.named_modules():
@@ -309,10 +373,12 @@ class Explainer:
         inputs = inputs.contiguous(memory_format=self.memory_format)
         with frozen(self.model):
             logits, targets = None, None
+            shared = self._shared_guided()
             if self._cam or self._layer_image:
-                logits, targets = self._cam_pass(inputs, target, results)
+                logits, targets = self._cam_pass(inputs, target, results, shared)
             for method in self._gradient:
-                logits, targets = self._gradient_pass(inputs, target, targets, logits, method, results)
+                if method is not shared:
+                    logits, targets = self._gradient_pass(inputs, target, targets, logits, method, results)
             if self._perturbation:
                 logits, targets = self._perturbation_pass(inputs, target, targets, logits, results)
         assert logits is not None and targets is not None
@@ -330,21 +396,46 @@ class Explainer:
         ordered = [results[m.name, rank] for rank in range(len(targets)) for m in self.methods]
         return BatchResult(logits=logits, explanations=ordered)
 
+    def _shared_guided(self) -> InputGradientMethod | None:
+        """The rectifier-rule method (guided backprop) that can ride on the CAM forward:
+        one plain input per sample, and the CAM inputs are the plain inputs (no --smooth aug)."""
+        if not self._cam or self.smooth == "aug":
+            return None
+        for method in self._gradient:
+            if method.rectifier_backward is not None and type(method).inputs_for is InputGradientMethod.inputs_for:
+                return method
+        return None
+
     def _cam_pass(
-        self, inputs: Tensor, target: TargetSpec, results: dict[tuple[str, int], Explanation]
+        self,
+        inputs: Tensor,
+        target: TargetSpec,
+        results: dict[tuple[str, int], Explanation],
+        guided: InputGradientMethod | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         track_grad = any(m.needs_gradient for m in self._cam)
+        copies = len(_AUGMENTATIONS) if self.smooth == "aug" else 1
+        batch = inputs.shape[0]
+        model_inputs = _augment(inputs) if copies > 1 else inputs
+        mode: Any = nullcontext()
+        switch = _SwitchedRule(_plain_rectifier_backward)
+        if guided is not None:  # one forward for both: the input is the leaf, rectifiers switchable
+            model_inputs = inputs.detach().requires_grad_(True)
+            mode = _RectifierMode(switch, guided.name)
         with ExitStack() as stack:
             stores = [
                 stack.enter_context(capture(module, info.as_consumed, track_grad))
                 for module, info in zip(self.modules, self.layers, strict=True)
             ]
-            with torch.set_grad_enabled(track_grad):
-                logits = self.model(inputs)
+            with torch.set_grad_enabled(track_grad or guided is not None), mode:
+                logits = self.model(model_inputs)
         activations = [store["activation"] for store in stores]
-        targets = target.resolve(logits)
+        clean = logits if copies == 1 else logits[_IDENTITY * batch : (_IDENTITY + 1) * batch]
+        targets = target.resolve(clean)
         for method in self._layer_image:
-            acts = activations[0].detach()
+            acts = (
+                activations[0].detach()[:batch] if copies == 1 else activations[0].detach()[_IDENTITY * batch :][:batch]
+            )
             with torch.no_grad():
                 channels = method.select(acts)
                 tiles = acts.gather(1, channels[:, :, None, None].expand(-1, -1, *acts.shape[2:]))
@@ -360,33 +451,75 @@ class Explainer:
                     channels,
                 )
         for rank, rank_targets in enumerate(targets):
-            gradients: Sequence[Tensor | None] = [None] * len(activations)
+            contrasts = None if self.contrast is None else self.contrast.resolve(clean, rank_targets)
+            copy_targets = rank_targets.repeat(copies)
+            copy_contrasts = None if contrasts is None else contrasts.repeat(copies)
+            gradients: dict[str | None, Sequence[Tensor | None]] = {}
             if track_grad:
-                score = logits.gather(1, rank_targets[:, None]).sum()
-                gradients = torch.autograd.grad(
-                    score, activations, retain_graph=rank < len(targets) - 1, allow_unused=True
-                )
-                for info, gradient in zip(self.layers, gradients, strict=True):
-                    if gradient is None:
-                        raise MethodNotApplicable(f"layer {info.name!r} does not influence the logits")
-            contexts = [
-                CamContext(
-                    activations=acts.detach(),
-                    gradients=gradient,
-                    targets=rank_targets,
-                    logits=logits.detach(),
-                    inputs=inputs,
-                    head_weight=None if head is None else head.weight.detach(),
-                    forward=self._forward,
-                    chunk_size=self.chunk_size,
-                )
-                for acts, gradient, head in zip(activations, gradients, self._heads, strict=True)
-            ]
+                for method in self._cam:
+                    own = method.score(logits, copy_targets) if method.needs_gradient else None
+                    key = None if own is None else method.name
+                    if key in gradients or not method.needs_gradient:
+                        continue
+                    score = own if own is not None else logits.gather(1, copy_targets[:, None]).squeeze(1)
+                    if own is None and copy_contrasts is not None:
+                        score = score - logits.gather(1, copy_contrasts[:, None]).squeeze(1)
+                    gradients[key] = torch.autograd.grad(score.sum(), activations, retain_graph=True, allow_unused=True)
+                    for info, gradient in zip(self.layers, gradients[key], strict=True):
+                        if gradient is None:
+                            raise MethodNotApplicable(f"layer {info.name!r} does not influence the logits")
             for method in self._cam:
+                key = method.name if method.name in gradients else None
+                layer_gradients = gradients.get(key, [None] * len(activations))
+                contexts = [
+                    CamContext(
+                        activations=acts.detach(),
+                        gradients=gradient,
+                        targets=copy_targets,
+                        logits=logits.detach(),
+                        inputs=model_inputs.detach(),
+                        head_weight=None if head is None else head.weight.detach(),
+                        forward=self._forward,
+                        chunk_size=self.chunk_size,
+                        contrasts=copy_contrasts,
+                    )
+                    for acts, gradient, head in zip(activations, layer_gradients, self._heads, strict=True)
+                ]
                 with torch.no_grad():
-                    maps, flat = _fuse([normalise(method.cam_map(ctx).relu()) for ctx in contexts])
-                results[method.name, rank] = Explanation(method.name, rank, self.layer_name, rank_targets, maps, flat)
-        return logits.detach(), targets
+                    per_layer = [normalise(self._raw_map(method, ctx).relu()) for ctx in contexts]
+                    if copies > 1:
+                        per_layer = [normalise(_deaugment(maps, batch)) for maps, _ in per_layer]
+                    maps, flat = _fuse(per_layer)
+                results[method.name, rank] = Explanation(
+                    method.name, rank, self.layer_name, rank_targets, maps, flat, contrasts=contrasts
+                )
+        if guided is not None:
+            switch.rule = guided.rectifier_backward
+            for rank, rank_targets in enumerate(targets):
+                score = logits.gather(1, rank_targets[:, None]).sum()
+                (gradient,) = torch.autograd.grad(score, model_inputs, retain_graph=rank < len(targets) - 1)
+                self._store_gradient(guided, rank, rank_targets, gradient.nan_to_num(0.0).unsqueeze(0), results)
+        return clean.detach(), targets
+
+    def _raw_map(self, method: CamMethod, ctx: CamContext) -> Tensor:
+        """The method's map before relu; with --smooth eigen the first principal component of w_c A_c."""
+        if self.smooth == "eigen":
+            return principal_projection(method.weighted_activations(ctx))
+        return method.cam_map(ctx)
+
+    def _store_gradient(
+        self,
+        method: InputGradientMethod,
+        rank: int,
+        rank_targets: Tensor,
+        stacked: Tensor,
+        results: dict[tuple[str, int], Explanation],
+    ) -> None:
+        """(S, B, 3, H, W) input gradients -> the method's result for one rank."""
+        with torch.no_grad():
+            result = method.reduce(stacked)
+            maps, flat = (result, _gradient_flat(result)) if result.ndim == 4 else normalise(result.relu())
+        results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
 
     def _forward(self, inputs: Tensor) -> Tensor:
         """Logits of extra inputs (Score-CAM's masked copies) in the model's memory format."""
@@ -428,10 +561,7 @@ class Explainer:
             gradients.append(chunk)
         for rank, rank_targets in enumerate(targets):
             stacked = torch.cat([chunk[rank] for chunk in gradients]).view_as(samples)
-            with torch.no_grad():
-                result = method.reduce(stacked)
-                maps, flat = (result, _gradient_flat(result)) if result.ndim == 4 else normalise(result.relu())
-            results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat)
+            self._store_gradient(method, rank, rank_targets, stacked, results)
         assert logits is not None
         return logits.detach(), targets
 
@@ -474,6 +604,19 @@ def _fuse(normalised: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return normalise(torch.stack(upsampled).mean(0))
 
 
+def _augment(inputs: Tensor) -> Tensor:
+    """(A * B, 3, H, W): the batch under each of `_AUGMENTATIONS`, augmentation-major."""
+    return torch.cat([(inputs.flip(-1) if flip else inputs) * factor for flip, factor in _AUGMENTATIONS])
+
+
+def _deaugment(maps: Tensor, batch: int) -> Tensor:
+    """(A * B, h, w) maps of the augmented copies -> (B, h, w): each put back (flipped
+    maps flipped again; bilinear upsampling commutes with the flip) and averaged."""
+    per_copy = maps.view(len(_AUGMENTATIONS), batch, *maps.shape[1:])
+    restored = [m.flip(-1) if flip else m for m, (flip, _) in zip(per_copy, _AUGMENTATIONS, strict=True)]
+    return torch.stack(restored).mean(0)
+
+
 def _gradient_flat(gradient: Tensor) -> Tensor:
     return gradient.flatten(1).abs().amax(1) == 0
 
@@ -509,6 +652,18 @@ def parse_target(
     similar = similar or difflib.get_close_matches(target, names, n=5, cutoff=0.6)
     hint = f"; candidates: {', '.join(similar[:8])}" if similar else ""
     raise UsageError(f"unknown class name {target!r}{hint}")
+
+
+def parse_contrast(text: str | None, categories: Sequence[str] | None, num_classes: int) -> Contrast | None:
+    """`--contrast`: second (each sample's runner-up), a class index or a class name."""
+    if text is None:
+        return None
+    if text.strip().lower() == "second":
+        return Contrast()
+    try:
+        return Contrast(parse_target(text, None, categories, num_classes).index)
+    except UsageError as exc:
+        raise UsageError(f"--contrast: {exc}".replace("--target ", "")) from None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -288,6 +288,10 @@ class ExplainRun:
                 record["explanations"][-1]["metrics"] = _metrics_json(e["metrics"], i)
             if e["channels"] is not None:
                 record["explanations"][-1]["channels"] = [int(c) for c in e["channels"][i]]
+            if e["contrasts"] is not None:
+                other = int(e["contrasts"][i])
+                score = float(e["contrast_scores"][i])
+                record["explanations"][-1]["contrast"] = {"index": other, "label": loaded.label(other), "score": score}
         if self.options.grid:
             record["grid"] = f"{name}.grid.png"
         return record
@@ -413,6 +417,10 @@ def _to_numpy(result: BatchResult, metrics: list[dict[str, torch.Tensor] | None]
                 if metrics is None or metrics[n] is None
                 else {k: v.cpu().numpy() for k, v in metrics[n].items()},
                 "channels": None if e.channels is None else e.channels.cpu().numpy(),
+                "contrasts": None if e.contrasts is None else e.contrasts.cpu().numpy(),
+                "contrast_scores": None
+                if e.contrasts is None
+                else probs.gather(1, e.contrasts[:, None]).squeeze(1).cpu().numpy(),
             }
         )
     return {

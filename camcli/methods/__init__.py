@@ -83,6 +83,7 @@ _MODULES = (
     "xgradcam",
     "hirescam",
     "eigencam",
+    "finercam",
     "saliency",
     "smoothgrad",
     "deconvnet",

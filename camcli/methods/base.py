@@ -31,6 +31,7 @@ class CamContext:
     head_weight: Tensor | None  # (num_classes, C) of a GAP + linear head, if present
     forward: Callable[[Tensor], Tensor]  # batched logits of extra inputs (no grad)
     chunk_size: int  # how many extra inputs one forward may take
+    contrasts: Tensor | None = None  # (B,) with --contrast: the class each target is set against
 
 
 class Method:
@@ -59,10 +60,21 @@ class CamMethod(Method):
         """(B, h, w) map before the engine's relu: sum_c w_c * A_c by default; a method
         whose map is not a weighted channel sum (Eigen-CAM, the centre baseline) overrides
         this instead."""
+        return self.weighted_activations(ctx).sum(1)
+
+    def weighted_activations(self, ctx: CamContext) -> Tensor:
+        """(B, C, h, w) w_c * A_c, whose channel sum is the map (`--smooth eigen` takes
+        their first principal component instead)."""
         weights = self.weights(ctx)
         if weights.ndim == 2:
             weights = weights[:, :, None, None]
-        return (weights * ctx.activations).sum(1)
+        return weights * ctx.activations
+
+    def score(self, logits: Tensor, targets: Tensor) -> Tensor | None:
+        """(B,) the score whose gradient the method takes, for a method with its own
+        objective (Finer-CAM); None: the target's logit, or with --contrast the engine's
+        logit difference."""
+        return None
 
 
 class InputGradientMethod(Method):

@@ -28,13 +28,20 @@ class EigenCAM(CamMethod):
     cost = "1 forward + one SVD per image"
 
     def cam_map(self, ctx: CamContext) -> Tensor:
-        acts = ctx.activations.float()
-        batch, _, height, width = acts.shape
-        matrix = acts.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        matrix = matrix - matrix.mean(1, keepdim=True)
-        _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-        projection = (matrix @ vh[:, 0, :, None]).squeeze(2)  # (B, h*w)
-        total = acts.sum(1).flatten(1)
-        agreement = ((projection - projection.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
-        sign = torch.where(agreement < 0, -1.0, 1.0).to(projection)
-        return (sign[:, None] * projection).view(batch, height, width)
+        return principal_projection(ctx.activations)
+
+
+def principal_projection(acts: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h, w): each image's projection on its first principal
+    component, signed to correlate positively with the channel sum (also `--smooth eigen`,
+    on the weighted activations w_c A_c)."""
+    acts = acts.float()
+    batch, _, height, width = acts.shape
+    matrix = acts.flatten(2).transpose(1, 2)  # (B, h*w, C)
+    matrix = matrix - matrix.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    projection = (matrix @ vh[:, 0, :, None]).squeeze(2)  # (B, h*w)
+    total = acts.sum(1).flatten(1)
+    agreement = ((projection - projection.mean(1, keepdim=True)) * (total - total.mean(1, keepdim=True))).sum(1)
+    sign = torch.where(agreement < 0, -1.0, 1.0).to(projection)
+    return (sign[:, None] * projection).view(batch, height, width)
