@@ -27,6 +27,8 @@ COLUMNS = (
     ("insertion_auc", "insertion AUC ↑", 1.0),
     ("average_drop", "avg drop % ↓", 100.0),
     ("increase_in_confidence", "increase % ↑", 100.0),
+    ("road_morf", "ROAD MoRF ↓", 1.0),
+    ("road_lerf", "ROAD LeRF ↑", 1.0),
 )
 
 
