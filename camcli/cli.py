@@ -522,6 +522,7 @@ def sanity(
         "camcli-sanity"
     ),
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights and random classes.")] = 0,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
     batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Extra inputs per forward.")] = 32,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
@@ -548,7 +549,7 @@ def _sanity(**opts: Any) -> int:
     device = resolve_device(opts["device"])
     items = collect_inputs(opts["inputs"])
     check_writable(opts["out"])
-    loaded = load_model(opts["model"], opts["weights"])
+    loaded = load_model(opts["model"], opts["weights"], input_size=opts["input_size"])
     loaded.model.to(device)
     names = dict.fromkeys(name.strip() for name in opts["layer"].split(",") if name.strip())
     layers = [resolve_layer(loaded.model, name, loaded.input, device) for name in names or ["auto"]]
