@@ -118,6 +118,9 @@ def gradient_methods(rounds: int) -> None:
         for spec in sets:
             explainer = Explainer(copy.deepcopy(plain), layer, parse_methods(spec))
             contenders[spec] = lambda e=explainer, x=x: e.explain(x, TargetSpec())
+        separate = Explainer(copy.deepcopy(plain), layer, parse_methods("guided-gradcam"))
+        separate._shared_guided = lambda: None  # type: ignore[method-assign]  # the CAM and guided forwards apart
+        contenders["guided-gradcam, two forwards"] = lambda e=separate, x=x: e.explain(x, TargetSpec())
         if pytorch_grad_cam is not None:
             anchor_model = copy.deepcopy(plain)
             anchor = pytorch_grad_cam.GradCAM(anchor_model, [dict(anchor_model.named_modules())[layer.name]])

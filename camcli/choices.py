@@ -7,4 +7,5 @@ is heavy (metrics needs torch) is defined here and imported by that module.
 from __future__ import annotations
 
 FUSIONS = ("mean", "product")  # how several layers' maps become one (`--fuse`, camcli.engine)
+SMOOTHINGS = ("aug", "eigen")  # --smooth for CAM-family methods (camcli.engine)
 SUBSTRATES = ("zero", "blur", "mean")  # what deletion puts in place of removed pixels (camcli.metrics)

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from camcli import __version__
-from camcli.choices import FUSIONS, SUBSTRATES
+from camcli.choices import FUSIONS, SMOOTHINGS, SUBSTRATES
 from camcli.errors import CamcliError, ExitCode, Interrupted, OptionError, UsageError
 from camcli.filters import AscentOptions
 from camcli.io import (
@@ -268,6 +268,9 @@ def explain(
     substrate: Annotated[
         str, typer.Option("--substrate", help=f"What deletion puts in: {', '.join(SUBSTRATES)}.")
     ] = "zero",
+    road: Annotated[
+        bool, typer.Option("--road", help="With --metrics: also ROAD (noisy linear imputation; 18 solves per map).")
+    ] = False,
     labels: Annotated[
         Path | None, typer.Option("--labels", help="Class names: one per line, or a JSON list (for your own models).")
     ] = None,
@@ -315,6 +318,13 @@ def explain(
         typer.Option(
             "--set", help="A method's setting, METHOD.NAME=VALUE (repeatable; `camcli methods METHOD` lists them)."
         ),
+    ] = None,
+    contrast: Annotated[
+        str | None,
+        typer.Option("--contrast", help="CAM family: why the target rather than this class (index, name or second)."),
+    ] = None,
+    smooth: Annotated[
+        str | None, typer.Option("--smooth", help=f"CAM family: {' or '.join(SMOOTHINGS)} (flips x scales, or PCA).")
     ] = None,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
@@ -431,6 +441,8 @@ def _explain(**opts: Any) -> int:
             "substrate": metric_options.substrate,
             "boxes": None if box_index is None else box_index.source,
         }
+        if metric_options.road:
+            request["metrics"]["road"] = True
     if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
         request["grid"] = True
     extras = {  # recorded only when not the default, so earlier runs' JSON still matches
@@ -445,13 +457,16 @@ def _explain(**opts: Any) -> int:
     request |= {key: value for key, value in extras.items() if value is not None}
     if settings:  # a changed setting (--set rise.masks=500, --samples 3) redoes the images
         request["method_options"] = settings
+    for option in ("contrast", "smooth"):  # likewise: only when given
+        if opts[option] is not None:
+            request[option] = opts[option]
     if not streamed and not opts["overwrite"] and not opts.get("grid_only") and not opts["dry_run"]:
         finished = _all_finished(items, opts["out"], request)
         if finished is not None:  # nothing to do: the model is not even loaded
             return _report_finished(items, finished, opts)
     _check_target_early(opts, box_index)
     device = _device(opts["device"])
-    from camcli.engine import Explainer, parse_target
+    from camcli.engine import Explainer, parse_contrast, parse_target
     from camcli.models import check_labels, resolve_layers
     from camcli.pipeline import ExplainRun, RunOptions, choose_score
 
@@ -462,6 +477,7 @@ def _explain(**opts: Any) -> int:
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes, opts["threshold"])
     score = choose_score(opts["score"], target.threshold is not None, layer.binary)
+    contrast = parse_contrast(opts["contrast"], loaded.categories, layer.num_classes)
     explainer = Explainer(
         loaded.model,
         layers,
@@ -470,6 +486,8 @@ def _explain(**opts: Any) -> int:
         output_key=output_key,
         optional=added_by_all(opts["method"]),
         fuse=opts["fuse"],
+        contrast=contrast,
+        smooth=opts["smooth"],
     )
     if explainer.skipped:
         skipped = "; ".join(f"{name} ({why})" for name, why in explainer.skipped)
@@ -711,7 +729,10 @@ def _metric_options(opts: dict[str, Any]) -> tuple[Any, Any]:
     from camcli.metrics import MetricOptions
 
     box_index = load_boxes(opts["boxes"]) if opts["boxes"] is not None else None
-    return MetricOptions(steps=opts["steps"], substrate=opts["substrate"], chunk_size=opts["chunk_size"]), box_index
+    options = MetricOptions(
+        steps=opts["steps"], substrate=opts["substrate"], chunk_size=opts["chunk_size"], road=opts.get("road", False)
+    )
+    return options, box_index
 
 
 @app.command()
@@ -773,6 +794,98 @@ def evaluate(
     if not quiet:
         stderr.print(f"camcli: wrote {csv_path} and {json_path}", markup=False)
     raise typer.Exit(code)
+
+
+@app.command()
+def sanity(
+    inputs: Annotated[list[str], typer.Argument(help="Images or folders (recursed).")],
+    method: Annotated[
+        str, typer.Option("-m", "--method", help="Comma list of methods to test.", autocompletion=_complete_methods)
+    ] = "gradcam,gradcam++,guided-backprop,saliency",
+    model: Annotated[str, typer.Option("--model", help="As for explain.")] = DEFAULT_MODEL,
+    weights: Annotated[str | None, typer.Option("--weights", help="As for explain.")] = None,
+    layer: Annotated[str, typer.Option("--layer", help="auto, or a dotted module name (a,b to fuse).")] = "auto",
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for sanity.json and sanity.png.")] = Path(
+        "camcli-sanity"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights and random classes.")] = 0,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
+    batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Extra inputs per forward.")] = 32,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print errors and the table only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Adebayo et al.'s sanity checks: does each method's map change when the model's weights
+    are randomised (head first, block by block) and when a random class is explained?"""
+    with _one_line_errors(debug):
+        code = _sanity(**locals())
+    raise typer.Exit(code)
+
+
+def _sanity(**opts: Any) -> int:
+    import torch
+    from rich.table import Table
+
+    from camcli import sanity as checks
+    from camcli.errors import ImageError
+    from camcli.io import collect_inputs, decode_image
+    from camcli.models import load_model, resolve_layers
+    from camcli.pipeline import preprocess
+
+    methods = parse_methods(opts["method"])
+    device = _device(opts["device"])
+    items = collect_inputs(opts["inputs"])
+    loaded = load_model(opts["model"], opts["weights"], input_size=opts["input_size"])
+    check_writable(opts["out"])  # after loading: a bad model name leaves no folder behind
+    loaded.model.to(device)
+    layers = resolve_layers(loaded.model, opts["layer"], loaded.input, device)
+    tensors, keys, failed = [], [], 0
+    for item in items:
+        try:
+            tensors.append(preprocess(decode_image(item.path), loaded.input))
+            keys.append(item.key)
+        except ImageError as exc:
+            failed += 1
+            stderr.print(f"camcli: {item.path}: {exc}", markup=False, soft_wrap=True)
+    if not tensors:
+        stderr.print("camcli: no image to test", markup=False)
+        return ExitCode.IMAGE_FAILED
+    inputs = torch.stack(tensors).to(device)
+    steps = len(checks.blocks(loaded.model))
+    if not opts["quiet"]:
+        stderr.print(f"camcli: {len(keys)} images, {len(methods)} methods, {steps} blocks to randomise", markup=False)
+    result = checks.run_sanity(
+        loaded.model,
+        layers,
+        methods,
+        inputs,
+        keys,
+        seed=opts["seed"],
+        batch_size=opts["batch_size"],
+        chunk_size=opts["chunk_size"],
+    )
+    request = {"model": loaded.name, "weights": loaded.weights, "layer": ",".join(n.name for n in layers)}
+    request |= {"methods": [m.name for m in methods], "seed": opts["seed"]}
+    title = f"camcli sanity: {loaded.name}, layer {request['layer']}, {len(keys)} images"
+    json_path, png_path = checks.write(result, opts["out"], request, title)
+    rows = Table(title=title)
+    for heading in (
+        "method",
+        "head random ρ / SSIM",
+        "half random ρ / SSIM",
+        "all random ρ / SSIM",
+        "model test",
+        "random logit ρ / SSIM",
+        "logit test",
+    ):
+        rows.add_column(heading, justify="left" if heading == "method" else "right")
+    for row in checks.format_table(result):
+        rows.add_row(*row)
+    Console(highlight=False, width=160).print(rows)
+    if not opts["quiet"]:
+        stderr.print(f"camcli: wrote {json_path} and {png_path}", markup=False)
+    return ExitCode.IMAGE_FAILED if failed else ExitCode.OK
 
 
 @contextmanager

@@ -13,6 +13,12 @@ forwards without autograd; attention methods (LeGrad, rollouts) one forward that
 captures every block's attention (`camcli.attention`) and, when they need gradients,
 backwards to those attentions only. Every hook and every
 flag the engine changes is put back in `finally`, whatever a method raises.
+
+Guided backprop beside CAM methods shares their forward: the rectifiers take the plain
+rule for the CAM gradients and switch to the guided rule for the input gradient.
+`--contrast` changes the score whose gradient is taken to y_c - y_c'; `--smooth aug`
+runs the CAM forward on flipped and intensity-scaled copies and averages the maps put
+back; `--smooth eigen` takes the first principal component of w_c A_c instead of its sum.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from camcli.attention import Transformer, capture_attention, find_transformer
-from camcli.choices import FUSIONS  # re-exported: how several layers' maps become one
+from camcli.choices import FUSIONS, SMOOTHINGS  # re-exported: --fuse and --smooth choices
 from camcli.errors import MethodNotApplicable, OptionError, UsageError
 from camcli.methods import (
     AttentionContext,
@@ -47,6 +53,7 @@ from camcli.methods import (
     PerturbationMethod,
     get_method,
 )
+from camcli.methods.eigengradcam import principal_projection
 from camcli.models import LayerInfo
 from camcli.models.layouts import NCHW_DEFAULT, Layout
 from camcli.models.outputs import OutputKey, logits_model
@@ -124,6 +131,26 @@ class TargetSpec:
         return (logits.float().sigmoid() >= self.threshold).sum(1)
 
 
+# pytorch-grad-cam's aug_smooth: ttach's HorizontalFlip x Multiply(0.9, 1, 1.1) of the model input
+_AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+_IDENTITY = _AUGMENTATIONS.index((False, 1.0))
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """`--contrast`: explain "why the target rather than c'" from the gradient of y_c - y_c'."""
+
+    index: int | None = None  # None ("second"): each sample's best class other than its target
+
+    def resolve(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """(B,) the class each target is set against."""
+        if self.index is None:
+            return logits.detach().scatter(1, targets[:, None], -math.inf).argmax(1)
+        if bool((targets == self.index).any()):
+            raise UsageError(f"--contrast {self.index} is the target itself; contrast another class or 'second'")
+        return torch.full_like(targets, self.index)
+
+
 @dataclass
 class Explanation:
     """One method's result for a batch and one target rank."""
@@ -140,6 +167,7 @@ class Explanation:
     categorical: bool = False  # maps hold class indices (a label map, e.g. occlusion's winner), not heat
     layout: str | None = None  # layer methods: how the layer was read, e.g. "tokens 1+196 -> 14x14"
     details: dict[str, Tensor] | None = None  # (B,) numbers per sample for the JSON, e.g. completeness
+    contrasts: Tensor | None = None  # --contrast: (B,) the class each target was set against
 
     @property
     def is_gradient(self) -> bool:
@@ -318,6 +346,24 @@ class _Rectifier(torch.autograd.Function):
         return ctx.rule(grad_out, x, ctx.lo, ctx.hi), None, None, None
 
 
+def _plain_rectifier_backward(grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
+    """autograd's own gradient of clamp(x, lo, hi): grad_out where lo < x < hi."""
+    if math.isinf(hi):
+        return torch.ops.aten.threshold_backward(grad_out, x, lo)
+    return torch.ops.aten.hardtanh_backward(grad_out, x, lo, hi)
+
+
+class _SwitchedRule:
+    """A rectifier rule read at backward time, so one forward serves a plain backward
+    (the CAM gradients) and then a guided one (the input gradient)."""
+
+    def __init__(self, rule: Callable[..., Tensor]) -> None:
+        self.rule = rule
+
+    def __call__(self, grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
+        return self.rule(grad_out, x, lo, hi)
+
+
 class _RectifierMode(TorchFunctionMode):
     """Routes every ReLU/ReLU6 call (module or functional, in-place or not) through
     `_Rectifier`; refuses activations the rule is not defined for."""
@@ -389,6 +435,8 @@ class Explainer:
         output_key: OutputKey = None,
         optional: Collection[str] = (),
         fuse: str = "mean",
+        contrast: Contrast | None = None,
+        smooth: str | None = None,
     ) -> None:
         """`optional` names methods (those `-m all` added) that are skipped, with the reason in
         `skipped`, where they do not apply; any other method that does not apply raises."""
@@ -397,6 +445,10 @@ class Explainer:
         self.model = model
         self.fuse = fuse
         self.net = logits_model(model, output_key)  # calls return logits (camcli.models.outputs)
+        self.contrast = contrast
+        if smooth is not None and smooth not in SMOOTHINGS:
+            raise UsageError(f"unknown smoothing {smooth!r}; use one of {', '.join(SMOOTHINGS)}")
+        self.smooth = smooth
         self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
         if not self.layers:
             raise UsageError("no layer given")
@@ -442,6 +494,21 @@ class Explainer:
         self._attention = [m for m in wanted.values() if isinstance(m, AttentionMethod)]
         self._transformer = _transformer_for(model, self._attention)
         self._output_key = output_key
+        self._check_modifiers()
+
+    def _check_modifiers(self) -> None:
+        """--contrast and --smooth apply to CAM-family methods only, and each only where it is defined."""
+        for option, given in (("--contrast", self.contrast is not None), ("--smooth", self.smooth is not None)):
+            others = [m.name for m in self.methods if not isinstance(m, CamMethod)]
+            if given and others:
+                raise UsageError(f"{option} applies to CAM-family methods, not to {', '.join(others)}")
+        for method in self._cam:
+            if self.contrast is not None and not (method.needs_gradient or method.needs_linear_head):
+                raise UsageError(f"--contrast needs a gradient or a linear head; {method.name} uses neither")
+            if self.contrast is not None and type(method).score is not CamMethod.score:
+                raise UsageError(f"{method.name} chooses its own contrast classes; leave out --contrast")
+            if self.smooth == "eigen" and type(method).cam_map is not CamMethod.cam_map:
+                raise UsageError(f"--smooth eigen needs channel weights; {method.name} computes its map otherwise")
 
     def _layer_image_many(self, methods: Sequence[Method]) -> str | None:
         named = [m.name for m in methods if isinstance(m, LayerImageMethod)]
@@ -478,6 +545,8 @@ class Explainer:
             channels_last=self.memory_format is torch.channels_last,
             output_key=self._output_key,
             fuse=self.fuse,
+            contrast=self.contrast,
+            smooth=self.smooth,
         )
         other._in_session = self._in_session
         return other
@@ -506,10 +575,12 @@ class Explainer:
         inputs = inputs.contiguous(memory_format=self.memory_format)
         with frozen(self.model):
             logits, targets = None, None
+            shared = self._shared_guided()
             if self._cam or self._layer_image:
-                logits, targets = self._cam_pass(inputs, target, results)
+                logits, targets = self._cam_pass(inputs, target, results, shared)
             for method in self._gradient:
-                logits, targets = self._gradient_pass(inputs, target, targets, logits, method, results)
+                if method is not shared:
+                    logits, targets = self._gradient_pass(inputs, target, targets, logits, method, results)
             if self._attention:
                 logits, targets = self._attention_pass(inputs, target, targets, logits, results)
             if self._perturbation:
@@ -533,22 +604,49 @@ class Explainer:
                 explanation.valid = valid[explanation.rank]
         return BatchResult(logits=logits, explanations=ordered)
 
+    def _shared_guided(self) -> InputGradientMethod | None:
+        """The rectifier-rule method (guided backprop) that can ride on the CAM forward:
+        one plain input per sample, and the CAM inputs are the plain inputs (no --smooth aug)."""
+        if not self._cam or self.smooth == "aug":
+            return None
+        for method in self._gradient:
+            if method.rectifier_backward is not None and type(method).inputs_for is InputGradientMethod.inputs_for:
+                return method
+        return None
+
     def _cam_pass(
-        self, inputs: Tensor, target: TargetSpec, results: dict[tuple[str, int], Explanation]
+        self,
+        inputs: Tensor,
+        target: TargetSpec,
+        results: dict[tuple[str, int], Explanation],
+        guided: InputGradientMethod | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
+        """One forward for every CAM-family method (and, with `guided`, guided backprop on the
+        same forward: the input is the leaf and the rectifiers switch rule at backward time);
+        with --smooth aug the forward takes the augmented copies of the batch."""
         track_grad = any(m.needs_gradient for m in self._cam)
+        copies = len(_AUGMENTATIONS) if self.smooth == "aug" else 1
+        batch = inputs.shape[0]
+        model_inputs = _augment(inputs) if copies > 1 else inputs
+        mode: Any = nullcontext()
+        switch = _SwitchedRule(_plain_rectifier_backward)
+        if guided is not None:  # one forward for both: the input is the leaf, rectifiers switchable
+            model_inputs = inputs.detach().requires_grad_(True)
+            mode = _RectifierMode(switch, guided.name)
         with ExitStack() as stack:
             stores = [
                 stack.enter_context(capture(module, info.as_consumed, track_grad, info.layout))
                 for module, info in zip(self.modules, self.layers, strict=True)
             ]
-            with torch.set_grad_enabled(track_grad):
-                logits = self.net(inputs)
+            with torch.set_grad_enabled(track_grad or guided is not None), mode:
+                logits = self.net(model_inputs)
         captured = [store["activation"] for store in stores]  # each in its layer's own layout
-        activations = [read_map(a, info, inputs) for a, info in zip(captured, self.layers, strict=True)]
-        targets = target.resolve(logits)
+        activations = [read_map(a, info, model_inputs) for a, info in zip(captured, self.layers, strict=True)]
+        clean = logits if copies == 1 else logits[_IDENTITY * batch : (_IDENTITY + 1) * batch]
+        targets = target.resolve(clean)
         for method in self._layer_image:
             acts = activations[0].detach()
+            acts = acts[:batch] if copies == 1 else acts[_IDENTITY * batch :][:batch]
             with torch.no_grad():
                 channels = method.select(acts)
                 tiles = acts.gather(1, channels[:, :, None, None].expand(-1, -1, *acts.shape[2:]))
@@ -565,35 +663,53 @@ class Explainer:
                     layout=self.layout,
                 )
         for rank, rank_targets in enumerate(targets):
-            gradients: Sequence[Tensor | None] = [None] * len(activations)
+            contrasts = None if self.contrast is None else self.contrast.resolve(clean, rank_targets)
+            copy_targets = rank_targets.repeat(copies)
+            copy_contrasts = None if contrasts is None else contrasts.repeat(copies)
+            gradients: dict[str | None, list[Tensor]] = {}
             if track_grad:
-                score = logits.gather(1, rank_targets[:, None]).sum()
-                found = torch.autograd.grad(score, captured, retain_graph=rank < len(targets) - 1, allow_unused=True)
-                for info, gradient in zip(self.layers, found, strict=True):
-                    if gradient is None:
-                        raise MethodNotApplicable(f"layer {info.name!r} does not influence the logits")
-                gradients = [read_map(g, info, inputs) for g, info in zip(found, self.layers, strict=True)]
-            contexts = [
-                CamContext(
-                    activations=acts.detach(),
-                    gradients=gradient,
-                    targets=rank_targets,
-                    logits=logits.detach(),
-                    inputs=inputs,
-                    head_weight=None if head is None else head.weight.detach(),
-                    forward=self._forward,
-                    chunk_size=self.chunk_size,
-                    forward_layer=functools.partial(self._forward_replacing, module, inputs),
-                    gradients_at=functools.partial(self._layer_gradients, module, info),
-                )
-                for acts, gradient, head, module, info in zip(
-                    activations, gradients, self._heads, self.modules, self.layers, strict=True
-                )
-            ]
+                for method in self._cam:
+                    own = method.score(logits, copy_targets) if method.needs_gradient else None
+                    key = None if own is None else method.name
+                    if key in gradients or not method.needs_gradient:
+                        continue
+                    score = own if own is not None else logits.gather(1, copy_targets[:, None]).squeeze(1)
+                    if own is None and copy_contrasts is not None:
+                        score = score - logits.gather(1, copy_contrasts[:, None]).squeeze(1)
+                    found = torch.autograd.grad(score.sum(), captured, retain_graph=True, allow_unused=True)
+                    for info, gradient in zip(self.layers, found, strict=True):
+                        if gradient is None:
+                            raise MethodNotApplicable(f"layer {info.name!r} does not influence the logits")
+                    gradients[key] = [
+                        read_map(g, info, model_inputs) for g, info in zip(found, self.layers, strict=True)
+                    ]
             for method in self._cam:
+                key = method.name if method.name in gradients else None
+                layer_gradients: Sequence[Tensor | None] = gradients.get(key, [None] * len(activations))
+                contexts = [
+                    CamContext(
+                        activations=acts.detach(),
+                        gradients=gradient,
+                        targets=copy_targets,
+                        logits=logits.detach(),
+                        inputs=model_inputs.detach(),
+                        head_weight=None if head is None else head.weight.detach(),
+                        forward=self._forward,
+                        chunk_size=self.chunk_size,
+                        forward_layer=functools.partial(self._forward_replacing, module, model_inputs.detach()),
+                        gradients_at=functools.partial(self._layer_gradients, module, info),
+                        contrasts=copy_contrasts,
+                    )
+                    for acts, gradient, head, module, info in zip(
+                        activations, layer_gradients, self._heads, self.modules, self.layers, strict=True
+                    )
+                ]
                 with torch.no_grad():
-                    raw = [method.cam_map(ctx) for ctx in contexts]
-                    maps, flat = _fuse([normalise(r.relu()) for r in raw], self.fuse)
+                    raw = [self._raw_map(method, ctx) for ctx in contexts]
+                    per_layer = [normalise(r.relu()) for r in raw]
+                    if copies > 1:
+                        per_layer = [normalise(_deaugment(maps, batch)) for maps, _ in per_layer]
+                    maps, flat = _fuse(per_layer, self.fuse)
                 results[method.name, rank] = Explanation(
                     method.name,
                     rank,
@@ -601,10 +717,55 @@ class Explainer:
                     rank_targets,
                     maps,
                     flat,
-                    raw=_single_raw(raw),
+                    raw=_single_raw(raw) if copies == 1 else None,
                     layout=self.layout,
+                    contrasts=contrasts,
                 )
-        return logits.detach(), targets
+        if guided is not None:
+            switch.rule = guided.rectifier_backward
+            for rank, rank_targets in enumerate(targets):
+                score = logits.gather(1, rank_targets[:, None]).sum()
+                (gradient,) = torch.autograd.grad(score, model_inputs, retain_graph=rank < len(targets) - 1)
+                self._store_gradient(
+                    guided, rank, rank_targets, [gradient.nan_to_num(0.0)], inputs, clean.detach(), [], results
+                )
+        return clean.detach(), targets
+
+    def _raw_map(self, method: CamMethod, ctx: CamContext) -> Tensor:
+        """The method's map before relu; with --smooth eigen the first principal component of w_c A_c."""
+        if self.smooth == "eigen":
+            return principal_projection(method.weighted_activations(ctx))
+        return method.cam_map(ctx)
+
+    def _store_gradient(
+        self,
+        method: InputGradientMethod,
+        rank: int,
+        rank_targets: Tensor,
+        parts: list[Tensor],
+        inputs: Tensor,
+        logits: Tensor,
+        modules: list[nn.Module],
+        results: dict[tuple[str, int], Explanation],
+    ) -> None:
+        """One rank's input gradients (and `modules`' output gradients) -> the method's result."""
+        samples = method.inputs_for(inputs)
+        ctx = GradientContext(
+            gradients=parts[0].view_as(samples),
+            samples=samples,
+            inputs=inputs,
+            logits=logits,
+            targets=rank_targets,
+            forward=self._forward,
+            chunk_size=self.chunk_size,
+            modules=modules,
+            module_gradients=parts[1:],
+        )
+        with torch.no_grad():
+            result = method.finish(ctx)
+            maps, flat = (result, _gradient_flat(result)) if result.ndim == 4 else normalise(result.relu())
+        details = method.details(ctx, result)
+        results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat, details=details)
 
     def _forward(self, inputs: Tensor) -> Tensor:
         """Logits of extra inputs (Score-CAM's masked copies) in the model's memory format."""
@@ -678,22 +839,7 @@ class Explainer:
         assert logits is not None
         for rank, rank_targets in enumerate(targets):
             parts = [torch.cat([chunk[rank][n] for chunk in gradients]) for n in range(1 + len(modules))]
-            ctx = GradientContext(
-                gradients=parts[0].view_as(samples),
-                samples=samples,
-                inputs=inputs,
-                logits=logits.detach(),
-                targets=rank_targets,
-                forward=self._forward,
-                chunk_size=self.chunk_size,
-                modules=modules,
-                module_gradients=parts[1:],
-            )
-            with torch.no_grad():
-                result = method.finish(ctx)
-                maps, flat = (result, _gradient_flat(result)) if result.ndim == 4 else normalise(result.relu())
-            details = method.details(ctx, result)
-            results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat, details=details)
+            self._store_gradient(method, rank, rank_targets, parts, inputs, logits.detach(), modules, results)
         return logits.detach(), targets
 
     def _attention_pass(
@@ -827,6 +973,19 @@ def _single_raw(raw: list[Tensor]) -> Tensor | None:
     return raw[0].detach().float() if len(raw) == 1 else None
 
 
+def _augment(inputs: Tensor) -> Tensor:
+    """(A * B, 3, H, W): the batch under each of `_AUGMENTATIONS`, augmentation-major."""
+    return torch.cat([(inputs.flip(-1) if flip else inputs) * factor for flip, factor in _AUGMENTATIONS])
+
+
+def _deaugment(maps: Tensor, batch: int) -> Tensor:
+    """(A * B, h, w) maps of the augmented copies -> (B, h, w): each put back (flipped
+    maps flipped again; bilinear upsampling commutes with the flip) and averaged."""
+    per_copy = maps.view(len(_AUGMENTATIONS), batch, *maps.shape[1:])
+    restored = [m.flip(-1) if flip else m for m, (flip, _) in zip(per_copy, _AUGMENTATIONS, strict=True)]
+    return torch.stack(restored).mean(0)
+
+
 def _gradient_flat(gradient: Tensor) -> Tensor:
     return gradient.flatten(1).abs().amax(1) == 0
 
@@ -873,6 +1032,18 @@ def parse_target(
     similar = similar or difflib.get_close_matches(target, names, n=5, cutoff=0.6)
     hint = f"; candidates: {', '.join(similar[:8])}" if similar else ""
     raise UsageError(f"unknown class name {target!r}{hint}")
+
+
+def parse_contrast(text: str | None, categories: Sequence[str] | None, num_classes: int) -> Contrast | None:
+    """`--contrast`: second (each sample's runner-up), a class index or a class name."""
+    if text is None:
+        return None
+    if text.strip().lower() == "second":
+        return Contrast()
+    try:
+        return Contrast(parse_target(text, None, categories, num_classes).index)
+    except UsageError as exc:
+        raise UsageError(f"--contrast: {exc}".replace("--target ", "")) from None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -32,6 +32,8 @@ COLUMNS = (
     ("insertion_auc", "insertion AUC ↑", 1.0),
     ("average_drop", "avg drop % ↓", 100.0),
     ("increase_in_confidence", "increase % ↑", 100.0),
+    ("road_morf", "ROAD MoRF ↓", 1.0),
+    ("road_lerf", "ROAD LeRF ↑", 1.0),
 )
 
 
@@ -87,11 +89,12 @@ def table(summaries: Sequence[MethodSummary], title: str) -> Table:
     out = Table(title=title)
     out.add_column("method", no_wrap=True)
     out.add_column("images", justify="right")
-    for _, heading, _ in COLUMNS:
+    columns = [c for c in COLUMNS if not c[0].startswith("road_") or any(s.means[c[0]] is not None for s in summaries)]
+    for _, heading, _ in columns:
         out.add_column(heading, justify="right")
     for s in summaries:
         cells = []
-        for name, _, scale in COLUMNS:
+        for name, _, scale in columns:
             mean = s.means[name]
             if mean is None:
                 cells.append("-")

@@ -617,6 +617,10 @@ def _to_numpy(
                 "layout": e.layout,
                 "grid": None if e.layout is None else [int(v) for v in e.maps.shape[-2:]],
                 "details": None if e.details is None else {k: v.float().cpu().numpy() for k, v in e.details.items()},
+                "contrasts": None if e.contrasts is None else e.contrasts.cpu().numpy(),
+                "contrast_scores": None
+                if e.contrasts is None
+                else probs.gather(1, e.contrasts[:, None]).squeeze(1).cpu().numpy(),
             }
         )
     return {
@@ -726,6 +730,9 @@ def image_record(
         if save_raw and e["raw"] is not None:
             raw = e["raw"][i]
             meta |= {"raw_heatmap": f"{stem}.raw.npy", "raw_min": float(raw.min()), "raw_max": float(raw.max())}
+        if e["contrasts"] is not None:
+            other = int(e["contrasts"][i])
+            meta["contrast"] = {"index": other, "label": loaded.label(other), "score": float(e["contrast_scores"][i])}
         if e["details"] is not None:
             meta["details"] = {k: float(v[i]) for k, v in e["details"].items()}
         if e["layout"] is not None:  # a layer method: the grid it was computed on and how it was read

@@ -123,7 +123,7 @@ class RaisesOnCall(nn.Module):
         return self.fc(self.relu(self.conv(x)).mean((2, 3)))
 
 
-@pytest.mark.parametrize(("methods", "fail_at"), [("scorecam", 3), ("gradcam,guided-backprop", 2)])
+@pytest.mark.parametrize(("methods", "fail_at"), [("scorecam", 3), ("gradcam,saliency", 2)])
 def test_hooks_and_flags_restored_when_a_method_forward_raises(methods: str, fail_at: int) -> None:
     torch.manual_seed(0)
     model = RaisesOnCall(fail_at=0)

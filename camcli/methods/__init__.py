@@ -161,6 +161,7 @@ _MODULES = (
     "xgradcam",
     "hirescam",
     "eigencam",
+    "finercam",
     "saliency",
     "smoothgrad",
     "deconvnet",

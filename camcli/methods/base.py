@@ -146,6 +146,7 @@ class CamContext:
     forward_layer: Callable[[Tensor, Tensor], Tensor] | None = None  # (activations, samples) -> logits
     # this layer's activations and d(logit of targets)/d(activations) for extra inputs (N, 3, H, W)
     gradients_at: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (inputs, targets)
+    contrasts: Tensor | None = None  # (B,) with --contrast: the class each target is set against
 
 
 class Method:
@@ -174,10 +175,21 @@ class CamMethod(Method):
         """(B, h, w) map before the engine's relu: sum_c w_c * A_c by default; a method
         whose map is not a weighted channel sum (Eigen-CAM, the centre baseline) overrides
         this instead."""
+        return self.weighted_activations(ctx).sum(1)
+
+    def weighted_activations(self, ctx: CamContext) -> Tensor:
+        """(B, C, h, w) w_c * A_c, whose channel sum is the map (`--smooth eigen` takes
+        their first principal component instead)."""
         weights = self.weights(ctx)
         if weights.ndim == 2:
             weights = weights[:, :, None, None]
-        return (weights * ctx.activations).sum(1)
+        return weights * ctx.activations
+
+    def score(self, logits: Tensor, targets: Tensor) -> Tensor | None:
+        """(B,) the score whose gradient the method takes, for a method with its own
+        objective (Finer-CAM); None: the target's logit, or with --contrast the engine's
+        logit difference."""
+        return None
 
 
 class InputGradientMethod(Method):

@@ -2,7 +2,8 @@
 
 M_c(x, y) = sum_k w_k^c f_k(x, y), where w^c is the final linear layer's row for
 class c and f_k the feature maps that global average pooling feeds into it (eq. 2).
-No gradient: the weights are read off the model.
+No gradient: the weights are read off the model. With `--contrast c'` the weights are
+w^c - w^c', the head rows whose difference is the logit difference y^c - y^c'.
 """
 
 from __future__ import annotations
@@ -28,4 +29,7 @@ class CAM(CamMethod):
 
     def weights(self, ctx: CamContext) -> Tensor:
         assert ctx.head_weight is not None  # the engine refuses models without a head
-        return ctx.head_weight[ctx.targets]
+        weights = ctx.head_weight[ctx.targets]
+        if ctx.contrasts is not None:
+            weights = weights - ctx.head_weight[ctx.contrasts]
+        return weights
