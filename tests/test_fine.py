@@ -209,3 +209,21 @@ def test_cli_fine_product_and_layers(tmp_path, samples_dir) -> None:
     data = json.loads(runner.invoke(app, ["layers", "--json"]).output)
     assert data["fine"] == {"layers": ["_blocks.10", "_head_act"], "reason": None}
     assert [r["name"] for r in data["layers"] if r["fine"]] == ["_blocks.10"]
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "expected"),
+    [
+        ("swin_t", 224, ("features.5", "permute")),  # NHWC stages, a direct child of a Sequential of stages
+        ("convnext_tiny", 64, ("features.5", "features")),  # not the norm that opens the next downsample
+        ("resnet18", 64, ("layer3", "layer4")),
+    ],
+)
+def test_fine_finds_the_stage_output_in_torchvision_families(name: str, size: int, expected: tuple[str, str]) -> None:
+    import torchvision
+
+    from camcli.models import InputSpec, resolve_fine
+
+    model = torchvision.models.get_model(name, weights=None).eval()
+    fine = resolve_fine(model, InputSpec(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), torch.device("cpu"))
+    assert tuple(fine.names) == expected

@@ -348,7 +348,9 @@ def grid_sequence(
     return pairs
 
 
-def find_fine_partner(grids: list[tuple[str, tuple[int, int]]], auto: str) -> tuple[str | None, str | None]:
+def find_fine_partner(
+    grids: list[tuple[str, tuple[int, int]]], auto: str, containers: frozenset[str] = frozenset()
+) -> tuple[str | None, str | None]:
     """The last module, in execution order before `auto`, whose output grid is exactly twice
     `auto`'s: a stage output, not a tensor inside the block that halves the grid.
 
@@ -376,10 +378,15 @@ def find_fine_partner(grids: list[tuple[str, tuple[int, int]]], auto: str) -> tu
         name
         for name, grid in grids[:end]
         if grid == wanted
-        and all(grid_of.get(parent, wanted) == wanted for parent in enclosing(name) if parent not in auto_parents)
+        and all(
+            grid_of.get(parent, wanted) == wanted
+            for parent in enclosing(name)
+            if parent not in auto_parents and not (parent in containers and name.rsplit(".", 1)[0] == parent)
+        )
     ]
-    if candidates:
-        return candidates[-1], None
+    if candidates:  # the outermost module of the last stage: the shallowest name, then the last call
+        depth = min(name.count(".") for name in candidates)
+        return [name for name in candidates if name.count(".") == depth][-1], None
     earlier = {grid for name, grid in grids[:end]}
     if earlier and earlier <= {(height, width)}:
         return None, (
@@ -399,7 +406,11 @@ def resolve_fine(
     """`--layer fine`: the auto layer and the last stage of twice its resolution, from one traced forward."""
     trace = trace or trace_forward(model, spec, device)
     auto = resolve_layer(model, "auto", spec, device, trace=trace).name
-    partner, reason = find_fine_partner(grid_sequence(trace, dict(model.named_modules()), grid_of), auto)
+    modules = dict(model.named_modules())
+    # a stage that is a direct child of a Sequential of stages (torchvision Swin's `features`) is
+    # a stage, not a tensor inside the block that halves the grid
+    containers = frozenset(name for name, m in modules.items() if isinstance(m, (nn.Sequential, nn.ModuleList)))
+    partner, reason = find_fine_partner(grid_sequence(trace, modules, grid_of), auto, containers)
     return FineLayers(auto, partner, reason)
 
 
