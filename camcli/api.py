@@ -82,13 +82,15 @@ def explain(
     batch_size: int = 8,
     chunk_size: int = 32,
     labels: str | Path | Sequence[str] | None = None,
+    precision: str = "fp32",
 ) -> list[ImageResult]:
     """Explain images with one or more methods; one `ImageResult` per image, in order.
 
     `images` is one image or a sequence (a 4-D array or tensor is a batch). `model`
     is a `--model` name or a `load_model` result (reuse it across calls: loading costs
     more than explaining a few images); `weights`, `labels` apply to a name only.
-    `target` (a class index or name) and `topk` work as `--target` and `--topk`.
+    `target` (a class index or name) and `topk` work as `--target` and `--topk`;
+    `precision` as `--precision` (fp32, bf16, fp16).
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
@@ -97,7 +99,7 @@ def explain(
     info = resolve_layer(loaded.model, layer, loaded.input, torch_device)
     check_labels(loaded, info.num_classes, "labels")
     spec = methods if isinstance(methods, str) else ",".join(methods)
-    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size)
+    explainer = Explainer(loaded.model, info, parse_methods(spec), chunk_size=chunk_size, precision=precision)
     target_spec = parse_target(None if target is None else str(target), topk, loaded.categories, info.num_classes)
     rgb = [_as_rgb(image) for image in _as_list(images)]
     results: list[ImageResult] = []

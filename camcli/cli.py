@@ -34,6 +34,7 @@ from camcli.methods import list_methods, parse_methods
 from camcli.metrics import SUBSTRATES, MetricOptions
 from camcli.models import DEFAULT_MODEL, InputSpec, check_labels, load_model, resolve_layer
 from camcli.pipeline import ExplainRun, RunOptions
+from camcli.precision import autocast_dtype
 from camcli.render import COLORMAPS
 from camcli.report import write_report
 from camcli.schema import schema_text
@@ -138,6 +139,12 @@ def explain(
     topk: Annotated[int | None, typer.Option("-k", "--topk", help="Explain the K best classes.", min=1)] = None,
     batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision", help="fp32 (exact), or bf16 / fp16 autocast where the device has it (maps reduced in fp32)."
+        ),
+    ] = "fp32",
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("camcli-out"),
     colormap: Annotated[str, typer.Option("--colormap", help=f"One of {', '.join(COLORMAPS)}.")] = "jet",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
@@ -255,6 +262,7 @@ def _explain(**opts: Any) -> int:
     methods = parse_methods(opts["method"], _method_settings(opts, None))  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
     device = resolve_device(opts["device"])
+    autocast_dtype(opts["precision"], device)  # refused before anything is loaded
     stdin = sys.stdin if "-" in opts["inputs"] else None
     items = collect_inputs(
         opts["inputs"],
@@ -280,7 +288,7 @@ def _explain(**opts: Any) -> int:
     layer = layers[0]
     check_labels(loaded, layer.num_classes)
     target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes)
-    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"])
+    explainer = Explainer(loaded.model, layers, methods, chunk_size=opts["chunk_size"], precision=opts["precision"])
     if not items:
         stderr.print(f"camcli: no images found in {' '.join(opts['inputs'])}", markup=False, soft_wrap=True)
         return ExitCode.IMAGE_FAILED
@@ -307,6 +315,16 @@ def _explain(**opts: Any) -> int:
             "substrate": metric_options.substrate,
             "boxes": None if box_index is None else box_index.source,
         }
+    if opts["precision"] != "fp32":  # only then, so earlier runs' JSON still matches for resuming
+        request["precision"] = opts["precision"]
+        if explainer.fp32_methods:
+            request["fp32_methods"] = explainer.fp32_methods
+            stderr.print(
+                f"camcli: {', '.join(explainer.fp32_methods)} computed in fp32: under {opts['precision']} "
+                "their maps drift from fp32 (or share a pass with one that does)",
+                markup=False,
+                soft_wrap=True,
+            )
     if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
         request["grid"] = True
     method_options = {name: opts[name] for name in _METHOD_OPTIONS if opts[name] is not None}

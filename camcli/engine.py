@@ -39,6 +39,7 @@ from camcli.methods import (
     get_method,
 )
 from camcli.models import LayerInfo
+from camcli.precision import autocast, autocast_dtype
 
 # Activation modules whose backward guided backprop does not define.
 _NON_RECTIFIER_MODULES = (
@@ -256,8 +257,14 @@ class Explainer:
         *,
         chunk_size: int = 32,
         channels_last: bool = True,
+        precision: str = "fp32",
     ) -> None:
         self.model = model
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.precision = precision
+        self._autocast_dtype = autocast_dtype(precision, self.device)
+        self._inference_model: nn.Module | None = None
         self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
         if not self.layers:
             raise UsageError("no layer given")
@@ -339,8 +346,9 @@ class Explainer:
                 stack.enter_context(capture(module, info.as_consumed, track_grad))
                 for module, info in zip(self.modules, self.layers, strict=True)
             ]
+            exact = any(m.needs_fp32 for m in [*self._cam, *self._layer_image])
             with torch.set_grad_enabled(track_grad):
-                logits = self.model(inputs)
+                logits = self._call(self.model, inputs, exact)
         activations = [store["activation"] for store in stores]
         targets = target.resolve(logits)
         for method in self._layer_image:
@@ -371,10 +379,10 @@ class Explainer:
                         raise MethodNotApplicable(f"layer {info.name!r} does not influence the logits")
             contexts = [
                 CamContext(
-                    activations=acts.detach(),
-                    gradients=gradient,
+                    activations=acts.detach().float(),
+                    gradients=None if gradient is None else gradient.float(),
                     targets=rank_targets,
-                    logits=logits.detach(),
+                    logits=logits.detach().float(),
                     inputs=inputs,
                     head_weight=None if head is None else head.weight.detach(),
                     forward=self._forward,
@@ -386,11 +394,49 @@ class Explainer:
                 with torch.no_grad():
                     maps, flat = _fuse([normalise(method.cam_map(ctx).relu()) for ctx in contexts])
                 results[method.name, rank] = Explanation(method.name, rank, self.layer_name, rank_targets, maps, flat)
-        return logits.detach(), targets
+        return logits.detach().float(), targets
 
-    def _forward(self, inputs: Tensor) -> Tensor:
-        """Logits of extra inputs (Score-CAM's masked copies) in the model's memory format."""
-        return self.model(inputs.contiguous(memory_format=self.memory_format))
+    def _call(self, model: nn.Module, inputs: Tensor, exact: bool = False) -> Tensor:
+        """`model(inputs)` under the requested precision (autocast; a plain call for fp32 or
+        when `exact`: a method that needs fp32 results)."""
+        with autocast(self.device, None if exact else self._autocast_dtype):
+            return model(inputs)
+
+    @property
+    def fp32_methods(self) -> list[str]:
+        """Methods computed in fp32 although a reduced precision was asked for (`needs_fp32`,
+        or sharing the CAM pass with one that does); empty under fp32."""
+        if self._autocast_dtype is None:
+            return []
+        cam_pass = [*self._cam, *self._layer_image]
+        exact = [m.name for m in cam_pass] if any(m.needs_fp32 for m in cam_pass) else []
+        exact += [m.name for m in [*self._gradient, *self._perturbation] if m.needs_fp32]
+        return [m.name for m in self.methods if m.name in exact or self._combined_exact(m, exact)]
+
+    def _combined_exact(self, method: Method, exact: list[str]) -> bool:
+        return isinstance(method, CombinedMethod) and all(name in exact for name in method.requires)
+
+    def inference_model(self, like: Tensor) -> nn.Module:
+        """The model for forwards that read no hook: a deep copy with batch norm folded into
+        the convolutions (`camcli.fused`), built on first use and checked on a probe shaped
+        like `like`; never the user's object."""
+        if self._inference_model is None:
+            from camcli.fused import inference_copy
+
+            generator = torch.Generator().manual_seed(0)
+            probe = torch.randn((2, *like.shape[1:]), generator=generator).to(like.device)
+            copy, _ = inference_copy(self.model, probe.contiguous(memory_format=self.memory_format))
+            self._inference_model = copy.to(memory_format=self.memory_format)
+        return self._inference_model
+
+    def _forward(self, inputs: Tensor, exact: bool = False) -> Tensor:
+        """Logits (fp32) of extra inputs (Score-CAM's masked copies, occlusion, ...), on the
+        inference copy in the model's memory format."""
+        inputs = inputs.contiguous(memory_format=self.memory_format)
+        return self._call(self.inference_model(inputs), inputs, exact).float()
+
+    def _exact_forward(self, inputs: Tensor) -> Tensor:
+        return self._forward(inputs, exact=True)
 
     def _gradient_pass(
         self,
@@ -405,7 +451,7 @@ class Explainer:
         plain = samples.shape[0] == 1
         if targets is None and not plain:  # noisy copies: targets come from the clean input
             with torch.inference_mode():
-                logits = self.model(inputs)
+                logits = self._call(self.model, inputs).float()
             targets = target.resolve(logits)
         flat_inputs = samples.flatten(0, 1)
         step = len(flat_inputs) if plain else self.chunk_size
@@ -417,9 +463,9 @@ class Explainer:
             samples_of = torch.arange(start, start + len(leaf), device=inputs.device) % inputs.shape[0]
             mode = nullcontext() if rule is None else _RectifierMode(rule, method.name)
             with torch.enable_grad(), mode:
-                out = self.model(leaf)
+                out = self._call(self.model, leaf, method.needs_fp32)
             if targets is None:  # plain pass without an earlier one: this forward is the clean one
-                logits, targets = out.detach(), target.resolve(out)
+                logits, targets = out.detach().float(), target.resolve(out)
             chunk = []
             for rank, rank_targets in enumerate(targets):
                 score = out.gather(1, rank_targets[samples_of, None]).sum()
@@ -445,16 +491,23 @@ class Explainer:
     ) -> tuple[Tensor, list[Tensor]]:
         if logits is None or targets is None:
             with torch.inference_mode():
-                logits = self.model(inputs)
+                logits = self._call(self.model, inputs).float()
             targets = target.resolve(logits)
-        ctx = ModelContext(
-            inputs=inputs,
-            logits=logits,
-            targets=torch.stack(targets),
-            forward=self._forward,
-            chunk_size=self.chunk_size,
-        )
+        exact_logits = None
         for method in self._perturbation:
+            forward, clean = self._forward, logits
+            if method.needs_fp32 and self._autocast_dtype is not None:  # clean and perturbed scores both fp32
+                if exact_logits is None:
+                    with torch.inference_mode():
+                        exact_logits = self._exact_forward(inputs)
+                forward, clean = self._exact_forward, exact_logits
+            ctx = ModelContext(
+                inputs=inputs,
+                logits=clean,
+                targets=torch.stack(targets),
+                forward=forward,
+                chunk_size=self.chunk_size,
+            )
             attributions = method.attribute(ctx)
             for rank, rank_targets in enumerate(targets):
                 maps, flat = normalise(attributions[rank].relu())

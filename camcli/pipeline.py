@@ -201,7 +201,13 @@ class ExplainRun:
                 scored = [e for e in result.explanations if not e.is_tiles]  # layer channels are no heatmap
                 values = iter(
                     evaluate_batch(
-                        self.explainer.model, batch, scored, sizes, per_image, self.options.metrics, result.logits
+                        self.explainer.inference_model(batch),
+                        batch,
+                        scored,
+                        sizes,
+                        per_image,
+                        self.options.metrics,
+                        result.logits,
                     )
                 )
                 metrics = [None if e.is_tiles else next(values) for e in result.explanations]
