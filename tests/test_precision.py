@@ -183,7 +183,7 @@ def test_cli_records_the_precision_and_refuses_before_writing(tmp_path, samples_
     out = tmp_path / "bf16"
     result = CliRunner().invoke(app, ["explain", image, "--precision", "bf16", "-m", "gradcam", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    record = json.loads((out / "skimage_chelsea.json").read_text())
+    record = json.loads((out / "skimage_chelsea.png.json").read_text())
     assert record["request"]["precision"] == "bf16"
 
 
