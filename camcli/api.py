@@ -107,6 +107,7 @@ def explain(
     score: str | None = None,
     threshold: float = 0.5,
     settings: Mapping[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> list[ImageResult]:
     """Explain images with one or more methods; one `ImageResult` per image, in order.
 
@@ -117,6 +118,8 @@ def explain(
     `--target` and `--topk`, `score` as `--score`.
     `settings` are methods' settings as `--set` takes them, `{"rise.masks": 500}`. `layer`
     and `fuse` as `--layer` (auto, fine, a name, a,b) and `--fuse` (mean, product).
+    `target` (a class index or name) and `topk` work as `--target` and `--topk`;
+    `precision` as `--precision` (fp32, bf16, fp16).
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)

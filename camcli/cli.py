@@ -207,6 +207,12 @@ def explain(
     topk: Annotated[int | None, typer.Option("-k", "--topk", help="Explain the K best classes.", min=1)] = None,
     batch_size: Annotated[int, typer.Option("-b", "--batch-size", min=1, help="Images per forward.")] = 8,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision", help="fp32 (exact), or bf16 / fp16 autocast where the device has it (maps reduced in fp32)."
+        ),
+    ] = "fp32",
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder.")] = Path("camcli-out"),
     colormap: Annotated[str, typer.Option("--colormap", help=f"One of {', '.join(COLORMAPS)}.")] = "jet",
     alpha: Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity.")] = 0.5,
@@ -399,6 +405,10 @@ def _explain(**opts: Any) -> int:
     settings = _method_settings(opts)
     methods = parse_methods(opts["method"], settings)  # usage errors before loading
     metric_options, box_index = _metric_options(opts)
+    from camcli.precision import PRECISIONS
+
+    if opts["precision"] not in PRECISIONS:
+        raise UsageError(f"unknown precision {opts['precision']!r}: use {', '.join(PRECISIONS)}")
     streamed = "-" in opts["inputs"]
     items: Any = stream_inputs(
         opts["inputs"],
@@ -453,6 +463,7 @@ def _explain(**opts: Any) -> int:
         "heatmap_raw": True if opts["save_heatmap_raw"] else None,
         "box_threshold": opts["box_threshold"],
         "draw_boxes": True if opts["draw_boxes"] else None,
+        "precision": opts["precision"] if opts["precision"] != "fp32" else None,
     }
     request |= {key: value for key, value in extras.items() if value is not None}
     if settings:  # a changed setting (--set rise.masks=500, --samples 3) redoes the images
@@ -488,6 +499,7 @@ def _explain(**opts: Any) -> int:
         fuse=opts["fuse"],
         contrast=contrast,
         smooth=opts["smooth"],
+        precision=opts["precision"],  # refused here, before --out is made, where the device lacks it
     )
     if explainer.skipped:
         skipped = "; ".join(f"{name} ({why})" for name, why in explainer.skipped)
@@ -511,6 +523,14 @@ def _explain(**opts: Any) -> int:
     }
     if explainer.skipped:  # -m all: what did not apply to this model, and why
         request["skipped_methods"] = [{"method": name, "reason": why} for name, why in explainer.skipped]
+    if explainer.fp32_methods:  # --precision bf16/fp16: the methods kept in fp32, said once
+        request["fp32_methods"] = explainer.fp32_methods
+        stderr.print(
+            f"camcli: {', '.join(explainer.fp32_methods)} computed in fp32: under {opts['precision']} "
+            "their maps drift from fp32 (or share a pass with one that does)",
+            markup=False,
+            soft_wrap=True,
+        )
     options = RunOptions(
         out_dir=opts["out"],
         batch_size=opts["batch_size"],

@@ -57,6 +57,7 @@ from camcli.methods.eigengradcam import principal_projection
 from camcli.models import LayerInfo
 from camcli.models.layouts import NCHW_DEFAULT, Layout
 from camcli.models.outputs import OutputKey, logits_model
+from camcli.precision import autocast, autocast_dtype
 
 # Activation modules whose backward guided backprop does not define.
 _NON_RECTIFIER_MODULES = (
@@ -437,6 +438,7 @@ class Explainer:
         fuse: str = "mean",
         contrast: Contrast | None = None,
         smooth: str | None = None,
+        precision: str = "fp32",
     ) -> None:
         """`optional` names methods (those `-m all` added) that are skipped, with the reason in
         `skipped`, where they do not apply; any other method that does not apply raises."""
@@ -449,6 +451,11 @@ class Explainer:
         if smooth is not None and smooth not in SMOOTHINGS:
             raise UsageError(f"unknown smoothing {smooth!r}; use one of {', '.join(SMOOTHINGS)}")
         self.smooth = smooth
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.precision = precision
+        self._autocast_dtype = autocast_dtype(precision, self.device)
+        self._inference_model: nn.Module | None = None
         self.layers = [layer] if isinstance(layer, LayerInfo) else list(layer)
         if not self.layers:
             raise UsageError("no layer given")
@@ -638,8 +645,9 @@ class Explainer:
                 stack.enter_context(capture(module, info.as_consumed, track_grad, info.layout))
                 for module, info in zip(self.modules, self.layers, strict=True)
             ]
+            exact = any(m.needs_fp32 for m in [*self._cam, *self._layer_image])
             with torch.set_grad_enabled(track_grad or guided is not None), mode:
-                logits = self.net(model_inputs)
+                logits = self._call(self.net, model_inputs, exact)
         captured = [store["activation"] for store in stores]  # each in its layer's own layout
         activations = [read_map(a, info, model_inputs) for a, info in zip(captured, self.layers, strict=True)]
         clean = logits if copies == 1 else logits[_IDENTITY * batch : (_IDENTITY + 1) * batch]
@@ -688,10 +696,10 @@ class Explainer:
                 layer_gradients: Sequence[Tensor | None] = gradients.get(key, [None] * len(activations))
                 contexts = [
                     CamContext(
-                        activations=acts.detach(),
-                        gradients=gradient,
+                        activations=acts.detach().float(),
+                        gradients=None if gradient is None else gradient.float(),
                         targets=copy_targets,
-                        logits=logits.detach(),
+                        logits=logits.detach().float(),
                         inputs=model_inputs.detach(),
                         head_weight=None if head is None else head.weight.detach(),
                         forward=self._forward,
@@ -729,7 +737,7 @@ class Explainer:
                 self._store_gradient(
                     guided, rank, rank_targets, [gradient.nan_to_num(0.0)], inputs, clean.detach(), [], results
                 )
-        return clean.detach(), targets
+        return clean.detach().float(), targets
 
     def _raw_map(self, method: CamMethod, ctx: CamContext) -> Tensor:
         """The method's map before relu; with --smooth eigen the first principal component of w_c A_c."""
@@ -767,9 +775,52 @@ class Explainer:
         details = method.details(ctx, result)
         results[method.name, rank] = Explanation(method.name, rank, None, rank_targets, maps, flat, details=details)
 
-    def _forward(self, inputs: Tensor) -> Tensor:
-        """Logits of extra inputs (Score-CAM's masked copies) in the model's memory format."""
-        return self.net(inputs.contiguous(memory_format=self.memory_format))
+    def _call(self, model: nn.Module, inputs: Tensor, exact: bool = False) -> Tensor:
+        """`model(inputs)` under the requested precision (autocast; a plain call for fp32 or
+        when `exact`: a method that needs fp32 results)."""
+        with autocast(self.device, None if exact else self._autocast_dtype):
+            return model(inputs)
+
+    @property
+    def fp32_methods(self) -> list[str]:
+        """Methods computed in fp32 although a reduced precision was asked for (`needs_fp32`,
+        sharing the CAM pass with one that does, or an attention method); empty under fp32."""
+        if self._autocast_dtype is None:
+            return []
+        cam_pass = [*self._cam, *self._layer_image]
+        exact = [m.name for m in cam_pass] if any(m.needs_fp32 for m in cam_pass) else []
+        exact += [m.name for m in [*self._gradient, *self._perturbation] if m.needs_fp32]
+        exact += [m.name for m in self._attention]
+        return [m.name for m in self.methods if m.name in exact or self._combined_exact(m, exact)]
+
+    def _combined_exact(self, method: Method, exact: list[str]) -> bool:
+        return isinstance(method, CombinedMethod) and all(name in exact for name in method.requires)
+
+    def inference_model(self, like: Tensor) -> nn.Module:
+        """The model for forwards that read no hook: a deep copy with batch norm folded into
+        the convolutions (`camcli.fused`), built on first use and checked on a probe shaped
+        like `like`, called through the output rule; never the user's object."""
+        if self._inference_model is None:
+            from camcli.fused import inference_copy
+
+            generator = torch.Generator().manual_seed(0)
+            probe = torch.randn((2, *like.shape[1:]), generator=generator).to(like.device)
+            copy, _ = inference_copy(self.net, probe.contiguous(memory_format=self.memory_format))
+            self._inference_model = copy.to(memory_format=self.memory_format)
+        return self._inference_model
+
+    def _forward(self, inputs: Tensor, exact: bool = False) -> Tensor:
+        """Logits (fp32) of extra inputs (Score-CAM's masked copies, occlusion, ...), on the
+        inference copy in the model's memory format. Never for a forward that reads a hook."""
+        inputs = inputs.contiguous(memory_format=self.memory_format)
+        return self._call(self.inference_model(inputs), inputs, exact).float()
+
+    def _hooked_forward(self, inputs: Tensor) -> Tensor:
+        """Logits (fp32) of extra inputs on the model itself: for forwards whose hooks sit on its modules."""
+        return self._call(self.net, inputs.contiguous(memory_format=self.memory_format)).float()
+
+    def _exact_forward(self, inputs: Tensor) -> Tensor:
+        return self._forward(inputs, exact=True)
 
     def _forward_replacing(self, module: nn.Module, inputs: Tensor, activations: Tensor, samples: Tensor) -> Tensor:
         """Logits of inputs[samples] with `module`'s output replaced by `activations` (Ablation-CAM)."""
@@ -779,7 +830,7 @@ class Explainer:
 
         handle = module.register_forward_hook(hook)
         try:
-            return self._forward(inputs[samples])
+            return self._hooked_forward(inputs[samples])
         finally:
             handle.remove()
 
@@ -787,8 +838,8 @@ class Explainer:
         self, module: nn.Module, info: LayerInfo, inputs: Tensor, targets: Tensor
     ) -> tuple[Tensor, Tensor]:
         """`module`'s activations and d(logit of targets)/d(activations) for extra inputs."""
-        with capture(module, info.as_consumed, track_grad=True) as store, torch.enable_grad():
-            logits = self._forward(inputs)
+        with capture(module, info.as_consumed, track_grad=True, layout=info.layout) as store, torch.enable_grad():
+            logits = self._hooked_forward(inputs)
             activations = store["activation"]
             score = logits.gather(1, targets[:, None]).sum()
             (gradient,) = torch.autograd.grad(score, activations)
@@ -807,7 +858,7 @@ class Explainer:
         plain = samples.shape[0] == 1
         if targets is None and not plain:  # noisy copies: targets come from the clean input
             with torch.inference_mode():
-                logits = self.net(inputs)
+                logits = self._call(self.net, inputs).float()
             targets = target.resolve(logits)
         flat_inputs = samples.flatten(0, 1)
         step = len(flat_inputs) if plain else self.chunk_size
@@ -820,9 +871,9 @@ class Explainer:
             samples_of = torch.arange(start, start + len(leaf), device=inputs.device) % inputs.shape[0]
             mode = nullcontext() if rule is None else _RectifierMode(rule, method.name)
             with torch.enable_grad(), mode, _outputs(modules) as outputs:
-                out = self.net(leaf)
+                out = self._call(self.net, leaf, method.needs_fp32)
             if targets is None:  # plain pass without an earlier one: this forward is the clean one
-                logits, targets = out.detach(), target.resolve(out)
+                logits, targets = out.detach().float(), target.resolve(out)
             chunk = []
             for rank, rank_targets in enumerate(targets):
                 score = out.gather(1, rank_targets[samples_of, None]).sum()
@@ -901,17 +952,24 @@ class Explainer:
     ) -> tuple[Tensor, list[Tensor]]:
         if logits is None or targets is None:
             with torch.inference_mode():
-                logits = self.net(inputs)
+                logits = self._call(self.net, inputs).float()
             targets = target.resolve(logits)
-        ctx = ModelContext(
-            inputs=inputs,
-            logits=logits,
-            targets=torch.stack(targets),
-            forward=self._forward,
-            chunk_size=self.chunk_size,
-            layer_forward=self._layer_forward,
-        )
+        exact_logits = None
         for method in self._perturbation:
+            forward, clean = self._forward, logits
+            if method.needs_fp32 and self._autocast_dtype is not None:  # clean and perturbed scores both fp32
+                if exact_logits is None:
+                    with torch.inference_mode():
+                        exact_logits = self._exact_forward(inputs)
+                forward, clean = self._exact_forward, exact_logits
+            ctx = ModelContext(
+                inputs=inputs,
+                logits=clean,
+                targets=torch.stack(targets),
+                forward=forward,
+                chunk_size=self.chunk_size,
+                layer_forward=self._layer_forward,
+            )
             attributions = method.attribute(ctx)
             layer = self.layer.name if method.reads_layer else None
             for rank, rank_targets in enumerate(targets):

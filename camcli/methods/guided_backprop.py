@@ -27,6 +27,7 @@ class GuidedBackprop(InputGradientMethod):
     url = "https://arxiv.org/abs/1412.6806"
     needs = "ReLU/ReLU6 activations, gradient to the input"
     cost = "1 forward + full backward"
+    needs_fp32 = True  # bf16 vs fp32 Pearson 0.68-0.98 on the samples (benchmarks/RESULTS.md)
 
     @staticmethod
     def rectifier_backward(grad_out: Tensor, x: Tensor, lo: float, hi: float) -> Tensor:
