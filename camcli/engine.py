@@ -616,6 +616,8 @@ class Explainer:
         one plain input per sample, and the CAM inputs are the plain inputs (no --smooth aug)."""
         if not self._cam or self.smooth == "aug":
             return None
+        if self._autocast_dtype is not None and any(m.needs_fp32 for m in self._gradient):
+            return None  # --precision bf16/fp16: guided backprop keeps its own fp32 pass, the CAMs stay reduced
         for method in self._gradient:
             if method.rectifier_backward is not None and type(method).inputs_for is InputGradientMethod.inputs_for:
                 return method
