@@ -39,6 +39,7 @@ from camcli.engine import Explainer, TargetSpec
 from camcli.methods import Method
 from camcli.metrics import saliency, upsample
 from camcli.models import LayerInfo
+from camcli.render import LABEL_COLOURS
 
 #: A method passes a test when the mean rank correlation of its changed map with the
 #: original falls below this (Adebayo et al. judge by eye; 0.5 is "clearly different").
@@ -263,19 +264,7 @@ def format_table(result: SanityResult) -> list[list[str]]:
 
 # -- the plot ---------------------------------------------------------------------------
 
-# matplotlib's tab10, RGB
-_COLOURS = [
-    (31, 119, 180),
-    (255, 127, 14),
-    (44, 160, 44),
-    (214, 39, 40),
-    (148, 103, 189),
-    (140, 86, 75),
-    (227, 119, 194),
-    (127, 127, 127),
-    (188, 189, 34),
-    (23, 190, 207),
-]
+_COLOURS = [tuple(int(v) for v in c) for c in LABEL_COLOURS[:10]]  # tab10, RGB: one per method
 
 
 def plot(result: SanityResult, title: str = "") -> np.ndarray:
