@@ -554,8 +554,10 @@ class Explainer:
             fuse=self.fuse,
             contrast=self.contrast,
             smooth=self.smooth,
+            precision=self.precision,
         )
         other._in_session = self._in_session
+        other._inference_model = self._inference_model  # the folded copy, once built, is shared
         return other
 
     @contextmanager
