@@ -53,6 +53,7 @@ from camcli.methods import (
     PerturbationMethod,
     get_method,
 )
+from camcli.methods.base import GRADIENT, HEATMAP, LABELS, TILES
 from camcli.methods.eigengradcam import principal_projection
 from camcli.models import LayerInfo
 from camcli.models.layouts import NCHW_DEFAULT, Layout
@@ -165,18 +166,18 @@ class Explanation:
     channels: Tensor | None = None  # tiles: (B, N) channel index of each tile
     raw: Tensor | None = None  # CAM family, one layer: the map before ReLU and min-max, (B, h, w) float32
     valid: Tensor | None = None  # (B,) False where a sample has no target at this rank (-t positive)
-    categorical: bool = False  # maps hold class indices (a label map, e.g. occlusion's winner), not heat
     layout: str | None = None  # layer methods: how the layer was read, e.g. "tokens 1+196 -> 14x14"
     details: dict[str, Tensor] | None = None  # (B,) numbers per sample for the JSON, e.g. completeness
     contrasts: Tensor | None = None  # --contrast: (B,) the class each target was set against
 
-    @property
-    def is_gradient(self) -> bool:
-        return self.maps.ndim == 4 and self.channels is None
+    kind: str = HEATMAP  # the method's `kind` (camcli.methods.base.KINDS), set by the engine
 
-    @property
-    def is_tiles(self) -> bool:
-        return self.channels is not None
+    def check_kind(self) -> None:
+        """The maps have the shape the method's kind promises: a mismatch is a bug that
+        would draw a wrong picture (a gradient as heat, a label map normalised), so refuse."""
+        shape = {HEATMAP: 3, LABELS: 3, GRADIENT: 4, TILES: 4}[self.kind]
+        if self.maps.ndim != shape or (self.kind == TILES) != (self.channels is not None):
+            raise RuntimeError(f"{self.method}: a {self.kind} result of shape {tuple(self.maps.shape)}")
 
 
 @dataclass
@@ -606,7 +607,13 @@ class Explainer:
                     results[method.name, rank] = Explanation(
                         method.name, rank, self.layer_name, targets[rank], maps, _gradient_flat(maps)
                     )
-        ordered = [results[m.name, rank] for rank in range(len(targets)) for m in self.methods]
+        ordered = []
+        for rank in range(len(targets)):
+            for method in self.methods:
+                explanation = results[method.name, rank]
+                explanation.kind = method.kind
+                explanation.check_kind()
+                ordered.append(explanation)
         valid = target.valid(logits, len(targets))
         if valid is not None:
             for explanation in ordered:
@@ -981,9 +988,7 @@ class Explainer:
                     maps, flat = attributions[rank], torch.zeros(len(inputs), dtype=torch.bool, device=inputs.device)
                 else:
                     maps, flat = normalise(attributions[rank].relu())
-                results[method.name, rank] = Explanation(
-                    method.name, rank, layer, rank_targets, maps, flat, categorical=method.categorical
-                )
+                results[method.name, rank] = Explanation(method.name, rank, layer, rank_targets, maps, flat)
         return logits, targets
 
     def _layer_forward(self, inputs: Tensor) -> Tensor:

@@ -459,7 +459,7 @@ def test_activations_are_the_strongest_channels_each_normalised() -> None:
     )
     order = x.mean((2, 3)).argsort(1, descending=True)[:, :2]
     assert explanation.channels is not None and explanation.channels.tolist() == order.tolist()
-    assert explanation.maps.shape == (2, 2, 4, 4) and explanation.is_tiles and not explanation.is_gradient
+    assert explanation.maps.shape == (2, 2, 4, 4) and explanation.kind == "tiles"
     for b in range(2):
         for n, c in enumerate(order[b]):
             torch.testing.assert_close(explanation.maps[b, n], minmax(x[b, c]))

@@ -20,7 +20,7 @@ from camcli.io import decode_image
 from camcli.methods import get_method
 from camcli.methods.occlusion import patch_masks
 from camcli.models import InputSpec, load_model, resolve_layer
-from camcli.pipeline import preprocess
+from camcli.run.stages import preprocess
 
 CPU = torch.device("cpu")
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -43,7 +43,7 @@ def test_feature_occlusion_drops_on_the_strongest_channels_field() -> None:
         x[0, 0, y, xx] = 0.8
     spec = InputSpec(32, (0.0,) * 3, (1.0,) * 3)
     explanation = _occlusion(Patterns(), "pool", x, spec, patch=6, stride=3, occlusion_target="feature")
-    assert explanation.layer == "pool" and not explanation.categorical
+    assert explanation.layer == "pool" and explanation.kind == "heatmap"
     heat = explanation.maps[0]
     masks = patch_masks(32, 32, 6, 3, CPU)
     touching = torch.stack([masks[:, y, xx] for y, xx in marks]).any(0)  # patches that cover a mark pixel
@@ -79,7 +79,7 @@ def test_winner_occlusion_on_two_objects(tmp_path: Path, samples_dir: Path) -> N
     loaded = load_model("efficientnet_lite0")
     x = preprocess(decode_image(tmp_path / "two.png"), loaded.input)[None]
     explanation = _occlusion(loaded.model, "auto", x, loaded.input, patch=64, stride=32, occlusion_target="winner")
-    assert explanation.categorical and explanation.layer is None
+    assert explanation.kind == "labels" and explanation.layer is None
     labels = explanation.maps[0].long()
     half = labels.shape[1] // 2
     left, right = set(labels[:, :half].unique().tolist()), set(labels[:, half:].unique().tolist())

@@ -149,6 +149,15 @@ class CamContext:
     contrasts: Tensor | None = None  # (B,) with --contrast: the class each target is set against
 
 
+# What a method's result is, said once where the method is defined: the writer, the
+# metrics and the API dispatch on it, never on a tensor's shape.
+HEATMAP = "heatmap"  # (B, h, w) in [0, 1]: overlaid on the image, scored by the metrics
+GRADIENT = "gradient"  # (B, 3, H, W) raw input gradient: drawn as an image of its own
+TILES = "tiles"  # (B, N, h, w) channels of the layer, one tile each (with their indices)
+LABELS = "labels"  # (B, h, w) class indices: a label map with a legend
+KINDS = (HEATMAP, GRADIENT, TILES, LABELS)
+
+
 class Method:
     """Common metadata; see the subclasses for what a method computes."""
 
@@ -166,6 +175,7 @@ class Method:
     # the samples: pixel-level input gradients, small probability changes, near-tie channel picks),
     # so the engine computes it in fp32 whatever the precision asked for, and says so.
     needs_fp32: ClassVar[bool] = False
+    kind: str = HEATMAP  # one of KINDS (an instance may set its own, as occlusion's winner map)
 
 
 class CamMethod(Method):
@@ -261,7 +271,11 @@ class PerturbationMethod(Method):
     """A map from the model's scores on modified inputs (no hooks, no gradient)."""
 
     reads_layer: bool = False  # True: `attribute` reads ctx.layer_forward (the explanation names the layer)
-    categorical: bool = False  # True: `attribute` returns class indices (a label map), kept as they are
+
+    @property
+    def categorical(self) -> bool:
+        """`attribute` returns class indices (kind LABELS), kept as they are, not normalised."""
+        return self.kind == LABELS
 
     def attribute(self, ctx: ModelContext) -> Tensor:
         """(R, B, h, w) map per target rank, before the engine's relu and normalisation."""
@@ -271,6 +285,8 @@ class PerturbationMethod(Method):
 class LayerImageMethod(Method):
     """Shows channels of the target layer themselves, one tile per channel."""
 
+    kind = TILES
+
     def select(self, activations: Tensor) -> Tensor:
         """(B, C, h, w) -> (B, N) indices of the channels to show, in display order."""
         raise NotImplementedError
@@ -278,6 +294,8 @@ class LayerImageMethod(Method):
 
 class CombinedMethod(Method):
     """A product of other methods' results (e.g. guided Grad-CAM)."""
+
+    kind = GRADIENT
 
     requires: ClassVar[tuple[str, str]]  # (input-gradient method, CAM method)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from camcli.methods import register
-from camcli.methods.base import InputGradientMethod
+from camcli.methods.base import GRADIENT, InputGradientMethod
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 @register
 class Deconvnet(InputGradientMethod):
+    kind = GRADIENT  # the raw (B, 3, H, W) gradient, drawn as an image
     name = "deconvnet"
     title = "Deconvnet"
     paper = "Zeiler, Fergus, ECCV 2014"

@@ -13,7 +13,7 @@ import math
 from typing import TYPE_CHECKING
 
 from camcli.methods import register
-from camcli.methods.base import InputGradientMethod
+from camcli.methods.base import GRADIENT, InputGradientMethod
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 @register
 class GuidedBackprop(InputGradientMethod):
+    kind = GRADIENT  # the raw (B, 3, H, W) gradient, drawn as an image
     name = "guided-backprop"
     title = "Guided Backpropagation"
     paper = "Springenberg, Dosovitskiy, Brox, Riedmiller, ICLR-W 2015"

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from camcli.errors import OptionError, UsageError
 from camcli.methods import register
-from camcli.methods.base import ModelContext, PerturbationMethod, Setting, colour_or, colour_to_input
+from camcli.methods.base import HEATMAP, LABELS, ModelContext, PerturbationMethod, Setting, colour_or, colour_to_input
 
 if TYPE_CHECKING:
     import torch
@@ -121,7 +121,7 @@ class Occlusion(PerturbationMethod):
         self.fill = fill  # "mean", "blur", or a colour in normalised input units
         self.target = occlusion_target
         self.reads_layer = occlusion_target == "feature"  # the engine passes the layer's forward
-        self.categorical = occlusion_target == "winner"  # a label map, not a heatmap
+        self.kind = LABELS if occlusion_target == "winner" else HEATMAP  # a label map, or heat
 
     def baseline(self, inputs: Tensor) -> Tensor:
         """What an occluded pixel is replaced with, (B, 3, H, W)."""
