@@ -46,7 +46,7 @@ from camcli.io import decode_image  # noqa: E402
 from camcli.methods import parse_methods  # noqa: E402
 from camcli.methods.scorecam import ScoreCAM  # noqa: E402
 from camcli.models import load_model, resolve_layer  # noqa: E402
-from camcli.pipeline import preprocess  # noqa: E402
+from camcli.run.stages import preprocess  # noqa: E402
 
 CPU = torch.device("cpu")
 BATCH = 8

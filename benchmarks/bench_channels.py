@@ -54,7 +54,7 @@ PLAIN_LOOP = textwrap.dedent(
     import torch
     from camcli.io import decode_image
     from camcli.models import load_model
-    from camcli.pipeline import preprocess
+    from camcli.run.stages import preprocess
     loaded = load_model("efficientnet_lite0")
     model = loaded.model.eval().to(memory_format=torch.channels_last)
     paths = sorted(Path(sys.argv[1]).glob("*.jpg"))

@@ -47,7 +47,7 @@ from camcli.io import decode_image  # noqa: E402
 from camcli.methods import parse_methods  # noqa: E402
 from camcli.metrics import box_masks, box_tensor, energy_in_box, pointing_game, resize_to_images, saliency  # noqa: E402
 from camcli.models import load_model, resolve_layers  # noqa: E402
-from camcli.pipeline import preprocess  # noqa: E402
+from camcli.run.stages import preprocess  # noqa: E402
 
 CPU = torch.device("cpu")
 CANVAS = (480, 360)  # width, height: a VOC-sized photo; the short side is 360 px

@@ -6,9 +6,9 @@
     results = explain(["cat.jpg", pil_image, rgb_array], methods="gradcam,scorecam", model=model)
     heat = results[0].heatmap("gradcam")  # float32 (H, W) in [0, 1], at the image's size
 
-Images go through exactly what `camcli explain` does to a file (`pipeline.preprocess`,
-`engine.Explainer`, `render.heatmap_at_size`), so a heatmap here equals the `.npy`
-that `--save-heatmap` writes for the same image.
+Images go through exactly what `camcli explain` does to a file (the same plan,
+`camcli.run.plan.prepare`, and the same stages, `camcli.run.stages`), so a heatmap here
+equals the `.npy` that `--save-heatmap` writes for the same image.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from camcli.engine import Explainer, parse_target, resolve_device
 from camcli.errors import UsageError
-from camcli.io import decode_image, encode_image, json_text
-from camcli.methods import added_by_all, list_methods, parse_methods
-from camcli.models import DEFAULT_MODEL, LoadedModel, check_labels, load_model, resolve_layers
-from camcli.pipeline import _kept, _to_numpy, choose_score, image_record, preprocess
-from camcli.render import comparison_grid, gradient_image, heatmap_at_size, overlay
+from camcli.io import InputItem, decode_image, encode_image, json_text
+from camcli.methods import list_methods
+from camcli.methods.base import GRADIENT, LABELS, TILES
+from camcli.models import DEFAULT_MODEL, LoadedModel, load_model
+from camcli.render import colorize, comparison_grid, gradient_image, heatmap_at_size, labels_at_size, overlay, tile_grid
+from camcli.run.plan import ExplainConfig, prepare
+from camcli.run.stages import Decoded, MapResult, Outcome, build_record, explain_batch, preprocess
 
 __all__ = ["Explanation", "ImageResult", "Prediction", "explain", "list_methods", "load_model"]
 
@@ -51,8 +52,12 @@ class Explanation:
     method: str
     layer: str | None  # None for input-gradient methods
     target: Prediction
-    heatmap: np.ndarray  # float32: (H, W) in [0, 1] for CAMs, raw (H, W, 3) for input gradients
+    # float32 at the image's size: (H, W) in [0, 1] for heatmaps, raw (H, W, 3) for input
+    # gradients, class indices (H, W) for label maps; tiles: (N, h, w) at the layer's size
+    heatmap: np.ndarray
     flat: bool  # the map had no variation (then all zeros)
+    kind: str = "heatmap"  # camcli.methods.base.KINDS
+    metrics: dict[str, Any] | None = None  # metrics=True: the JSON's metrics of this map
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,12 @@ class ImageResult:
         """One RGB picture: the image, then each explanation as the CLI renders it, titled."""
         cells: list[Any] = [(self.image, "image", f"top-1: {self.predictions[0].label}")]
         for e in self.explanations:
-            if e.heatmap.ndim == 3:
+            if e.kind == GRADIENT:
                 picture = gradient_image(e.heatmap)
+            elif e.kind == TILES:
+                picture = tile_grid(colorize(e.heatmap, colormap))
+            elif e.kind == LABELS:  # class indices: each class its own shade of the colormap
+                picture = overlay(self.image, e.heatmap / max(float(e.heatmap.max()), 1.0), colormap, alpha)
             else:
                 picture = overlay(self.image, e.heatmap, colormap, alpha)
             cells.append((picture, e.method, f"{e.target.label} {e.target.score:.1%}"))
@@ -108,6 +117,9 @@ def explain(
     threshold: float = 0.5,
     settings: Mapping[str, Any] | None = None,
     precision: str = "fp32",
+    metrics: bool = False,
+    contrast: int | str | None = None,
+    smooth: str | None = None,
 ) -> list[ImageResult]:
     """Explain images with one or more methods; one `ImageResult` per image, in order.
 
@@ -115,82 +127,76 @@ def explain(
     is a `--model` name or a `load_model` result (reuse it across calls: loading costs
     more than explaining a few images); `weights`, `labels` apply to a name only.
     `target` (a class index or name, or ``"positive"`` with `threshold`) and `topk` work as
-    `--target` and `--topk`, `score` as `--score`.
-    `settings` are methods' settings as `--set` takes them, `{"rise.masks": 500}`. `layer`
-    and `fuse` as `--layer` (auto, fine, a name, a,b) and `--fuse` (mean, product).
-    `target` (a class index or name) and `topk` work as `--target` and `--topk`;
-    `precision` as `--precision` (fp32, bf16, fp16).
+    `--target` and `--topk`, `score` as `--score`, `contrast` and `smooth` as `--contrast`
+    and `--smooth`. `settings` are methods' settings as `--set` takes them,
+    `{"rise.masks": 500}`. `layer` and `fuse` as `--layer` (auto, fine, a name, a,b) and
+    `--fuse` (mean, product); `precision` as `--precision` (fp32, bf16, fp16); `metrics`
+    as `--metrics` (each explanation's `metrics`).
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
-    torch_device = resolve_device(device)
-    loaded.model.to(torch_device)
-    layers = resolve_layers(loaded.model, layer, loaded.input, torch_device, output_key=loaded.output_key)
-    info = layers[0]
-    check_labels(loaded, info.num_classes, "labels")
-    spec = methods if isinstance(methods, str) else ",".join(methods)
-    explainer = Explainer(
-        loaded.model,
-        layers,
-        parse_methods(spec, settings, loaded.input),
-        chunk_size=chunk_size,
-        output_key=loaded.output_key,
-        optional=added_by_all(spec),
+    config = ExplainConfig(
+        model=loaded.name,
+        weights=weights,
+        methods=methods if isinstance(methods, str) else ",".join(methods),
+        settings=dict(settings or {}),
+        layer=layer,
         fuse=fuse,
+        target=None if target is None else str(target),
+        topk=topk,
+        threshold=threshold,
+        score=score,
+        contrast=None if contrast is None else str(contrast),
+        smooth=smooth,
+        precision=precision,
+        chunk_size=chunk_size,
+        metrics=metrics,
+        device=device,
+        batch_size=batch_size,
     )
-    target_spec = parse_target(
-        None if target is None else str(target), topk, loaded.categories, info.num_classes, threshold
-    )
-    score = choose_score(score, target_spec.threshold is not None, info.binary)
+    config.check()
+    prepared = prepare(config, loaded=loaded)
     given = _as_list(images)
     rgb = [_as_rgb(image) for image in given]
-    request = {
-        "model": loaded.name,
-        "weights": loaded.weights,
-        "layer": explainer.layer_name,
-        "input": loaded.input.to_json(),
-        "methods": [m.name for m in explainer.methods],
-        "target": "top1" if target is None else str(target),
-        "topk": topk or 1,
-        "heatmap": False,
-        "overlay_format": "png",
-    }
     results: list[ImageResult] = []
     for start in range(0, len(rgb), batch_size):
-        chunk = rgb[start : start + batch_size]
-        batch = torch.stack([preprocess(image, loaded.input) for image in chunk]).to(torch_device)
-        arrays = _to_numpy(explainer.explain(batch, target_spec), score=score)
-        for i, image in enumerate(chunk):
+        decoded = []
+        for i, image in enumerate(rgb[start : start + batch_size]):
             source = given[start + i]
             name = str(source) if isinstance(source, (str, os.PathLike)) else f"image{start + i}"
-            record = image_record(
-                loaded, torch_device, request, name, Path(name).name, arrays, i, shape=image.shape, topk=(topk or 1) > 1
-            )
-            results.append(_result(image, arrays, i, loaded, record))
+            decoded.append(Decoded(InputItem(Path(name), name), image, preprocess(image, loaded.input)))
+        for outcome in explain_batch(prepared, decoded):
+            results.append(_result(outcome, loaded, build_record(prepared, outcome)))
     return results
 
 
-def _result(
-    image: np.ndarray, arrays: dict[str, Any], i: int, loaded: LoadedModel, record: dict[str, Any]
-) -> ImageResult:
-    height, width = image.shape[:2]
-    predictions = [
-        Prediction(int(c), loaded.label(int(c)), float(s))
-        for c, s in zip(arrays["top_index"][i], arrays["top_score"][i], strict=True)
-    ]
-    explanations = []
-    for e in _kept(arrays, i):
-        index = int(e["targets"][i])
-        explanations.append(
-            Explanation(
-                method=e["method"],
-                layer=e["layer"],
-                target=Prediction(index, loaded.label(index), float(e["scores"][i])),
-                heatmap=heatmap_at_size(e["maps"][i], width, height).astype(np.float32),
-                flat=bool(e["flat"][i]),
-            )
+def _result(outcome: Outcome, loaded: LoadedModel, record: dict[str, Any]) -> ImageResult:
+    image = outcome.image
+    assert image is not None
+    predictions = [Prediction(c, loaded.label(c), s) for c, s in outcome.predictions]
+    explanations = [
+        Explanation(
+            method=m.method,
+            layer=m.layer,
+            target=Prediction(m.target, loaded.label(m.target), m.score),
+            heatmap=_at_size(m, image),
+            flat=m.flat,
+            kind=m.kind,
+            metrics=m.metrics,
         )
+        for m in outcome.maps
+    ]
     return ImageResult(image, predictions, explanations, record)
+
+
+def _at_size(m: MapResult, image: np.ndarray) -> np.ndarray:
+    """The map as the CLI's `.npy` holds it: at the image's size (tiles at the layer's)."""
+    height, width = image.shape[:2]
+    if m.kind == TILES:
+        return m.map.astype(np.float32)
+    if m.kind == LABELS:
+        return labels_at_size(m.map, width, height)
+    return heatmap_at_size(m.map, width, height).astype(np.float32)
 
 
 def _as_list(images: ImageLike | Sequence[ImageLike]) -> list[Any]:

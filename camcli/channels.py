@@ -49,8 +49,9 @@ from camcli.errors import ImageError, UsageError
 from camcli.io import DEFAULT_MAX_PIXELS, InputItem, atomic_write, decode_image, encode_image, json_bytes, read_json
 from camcli.methods import InputGradientMethod, get_method
 from camcli.models import LayerInfo, LoadedModel
-from camcli.pipeline import _stop_on_sigint, preprocess
 from camcli.render import comparison_grid, gradient_image, resize
+from camcli.run.local import stop_on_sigint
+from camcli.run.stages import preprocess
 
 PROJECTIONS = ("guided-backprop", "deconvnet")
 STATE_VERSION = 1
@@ -279,7 +280,7 @@ class ChannelsRun:
             return summary
         if self.device.type == "cpu":  # as the explain engine: same values, faster oneDNN convolutions
             self.model.to(memory_format=torch.channels_last)
-        with _stop_on_sigint() as stop:
+        with stop_on_sigint() as stop:
             if start < len(items):
                 start = self._stream(items, fingerprint, start, table, summary, failed, report_error, stop.is_set)
                 self._save_state(fingerprint, start, table, summary, failed)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,14 +29,16 @@ from camcli.io import (
     no_images_message,
     stream_inputs,
 )
-from camcli.methods import added_by_all, cli_settings, list_methods, method_names, parse_methods
+from camcli.methods import cli_settings, list_methods, method_names, parse_methods
 from camcli.models.spec import DEFAULT_MODEL
 from camcli.render import COLORMAPS
 
 if TYPE_CHECKING:
-    from camcli.io import InputItem
     from camcli.models import LoadedModel
-    from camcli.pipeline import ExplainRun
+    from camcli.run.local import LocalRun
+    from camcli.run.plan import ExplainConfig
+    from camcli.run.reporting import RunSummary
+    from camcli.summary import SummaryTable
 
 # Start-up stays instant (`--help`, completion, `camcli methods`): this module imports
 # nothing that loads torch, torchvision or cv2. Each command imports what it runs inside
@@ -332,42 +334,108 @@ def explain(
     smooth: Annotated[
         str | None, typer.Option("--smooth", help=f"CAM family: {' or '.join(SMOOTHINGS)} (flips x scales, or PCA).")
     ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (default), or ray: Ray Data actors on this machine or a cluster.")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option("--address", help="--engine ray: auto (a running cluster) or ray://HOST:PORT.")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float, typer.Option("--gpus-per-worker", min=0.0, help="--engine ray: GPUs per model actor (0: CPU).")
+    ] = 0.0,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Explain images: overlays, optional .npy heatmaps and one JSON per image in --out."""
     with _one_line_errors(debug):
-        code = _explain(**locals())
+        from camcli.run.plan import ExplainConfig
+
+        config = ExplainConfig(
+            model=model,
+            weights=weights,
+            input_size=input_size,
+            mean=_floats(mean, "--mean", (1, 3)),
+            std=_floats(std, "--std", (1, 3)),
+            labels=None if labels is None else str(labels),
+            channels=channels,
+            output_key=_output_key(output_key),
+            trust_remote_code=trust_remote_code,
+            methods=method,
+            settings=_method_settings(method, set_, _aliases(locals())),
+            layer=layer,
+            fuse=fuse,
+            target=target,
+            topk=topk,
+            threshold=threshold,
+            score=score,
+            contrast=contrast,
+            smooth=smooth,
+            precision=precision,
+            chunk_size=chunk_size,
+            metrics=metrics,
+            boxes=None if boxes is None else str(boxes),
+            steps=steps,
+            substrate=substrate,
+            road=road,
+            out=out,
+            overlay_format=overlay_format,
+            colormap=colormap,
+            alpha=alpha,
+            save_heatmap=save_heatmap,
+            save_raw=save_heatmap_raw,
+            grid=grid,
+            box_threshold=box_threshold,
+            draw_boxes=draw_boxes,
+            overwrite=overwrite,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            max_pixels=max_pixels,
+        )
+        view = RunView(jsonl=jsonl, quiet=quiet, summary_csv=summary_csv, report=report, dry_run=dry_run)
+        code = _explain(config, inputs, include, exclude, view, Engine(engine, address, workers, gpus_per_worker))
     raise typer.Exit(code)
 
 
-def _collect(opts: dict[str, Any]) -> list[InputItem]:
-    """The inputs of a folder command: arguments, `-` for paths on stdin, --include/--exclude."""
-    from camcli.io import collect_inputs
+@dataclass
+class RunView:
+    """How a run reports to the user: stdout records, progress and summary lines, files."""
 
-    return collect_inputs(
-        opts["inputs"],
-        sys.stdin if "-" in opts["inputs"] else None,
-        opts["include"] or (),
-        opts["exclude"] or (),
-        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
-    )
+    jsonl: bool = False
+    quiet: bool = False
+    summary_csv: Path | None = None
+    report: bool = False
+    dry_run: bool = False
+    records: list[dict[str, Any]] | None = None  # `camcli evaluate` averages them
 
 
-def _load(opts: dict[str, Any], device: Any) -> LoadedModel:
-    """--model, --weights, --input-size, --mean, --std (and --labels where offered), on `device`."""
-    from camcli.models import load_model
+@dataclass(frozen=True)
+class Engine:
+    """--engine and its options."""
+
+    name: str = "local"
+    address: str | None = None
+    workers: int = 2  # local: decode threads; ray: model actors
+    gpus_per_worker: float = 0.0
+
+
+def _output_key(text: str | None) -> str | int | None:
     from camcli.models.spec import parse_output_key
 
+    return parse_output_key(text)
+
+
+def _warn(line: str) -> None:
+    stderr.print(f"camcli: {line}", markup=False, soft_wrap=True)
+
+
+def _load(
+    model: str, weights: str | None, input_size: int | None, mean: str | None, std: str | None, device: Any
+) -> LoadedModel:
+    """--model, --weights, --input-size, --mean, --std, on `device`."""
+    from camcli.models import load_model
+
     loaded = load_model(
-        opts["model"],
-        opts["weights"],
-        input_size=opts["input_size"],
-        mean=_floats(opts["mean"], "--mean", (1, 3)),
-        std=_floats(opts["std"], "--std", (1, 3)),
-        labels=opts.get("labels"),
-        channels=opts.get("channels"),
-        output_key=parse_output_key(opts.get("output_key")),
-        trust_remote_code=opts.get("trust_remote_code", False),
+        model, weights, input_size=input_size, mean=_floats(mean, "--mean", (1, 3)), std=_floats(std, "--std", (1, 3))
     )
     loaded.model.to(device)
     return loaded
@@ -386,206 +454,147 @@ _SETTING_ALIASES = {
 }
 
 
-def _method_settings(opts: dict[str, Any]) -> dict[str, Any]:
+def _aliases(given: dict[str, Any]) -> dict[str, Any]:
+    return {alias: given.get(key) for alias, key in _SETTING_ALIASES.items()}
+
+
+def _method_settings(method: str, assignments: list[str] | None, aliases: dict[str, Any]) -> dict[str, Any]:
     """`--set METHOD.NAME=VALUE` and the older options, as `{"method.name": value}`."""
-    aliases = {alias: opts.get(key) for alias, key in _SETTING_ALIASES.items()}
-    return cli_settings(method_names(opts["method"]), opts.get("set_") or (), aliases)
+    return cli_settings(method_names(method), assignments or (), aliases)
 
 
-def _explain(**opts: Any) -> int:
+def _explain(
+    config: ExplainConfig,
+    inputs: list[str],
+    include: list[str] | None,
+    exclude: list[str] | None,
+    view: RunView,
+    engine: Engine = Engine(),
+) -> int:
+    """explain, compare and evaluate: check, skip what is done, prepare, run, report."""
     allow_large_images()  # the CLI's process: --max-pixels is camcli's own check
-    if opts["colormap"] not in COLORMAPS:
-        raise UsageError(f"unknown colormap {opts['colormap']!r}; use one of {', '.join(COLORMAPS)}")
-    if opts["overlay_format"] not in OVERLAY_FORMATS:
-        raise UsageError(f"unknown overlay format {opts['overlay_format']!r}; use one of {', '.join(OVERLAY_FORMATS)}")
-    if opts["target"] is not None and opts["topk"] is not None:
-        raise UsageError("--target and --topk exclude each other")
-    if opts["fuse"] not in FUSIONS:
-        raise UsageError(f"unknown --fuse {opts['fuse']!r}; use one of {', '.join(FUSIONS)}")
-    settings = _method_settings(opts)
-    methods = parse_methods(opts["method"], settings)  # usage errors before loading
-    metric_options, box_index = _metric_options(opts)
-    from camcli.precision import PRECISIONS
+    if engine.name not in ("local", "ray"):
+        raise UsageError(f"unknown --engine {engine.name!r}; use local or ray")
+    if engine.name == "ray":
+        from camcli.run.ray import require_ray
 
-    if opts["precision"] not in PRECISIONS:
-        raise UsageError(f"unknown precision {opts['precision']!r}: use {', '.join(PRECISIONS)}")
-    streamed = "-" in opts["inputs"]
-    items: Any = stream_inputs(
-        opts["inputs"],
-        sys.stdin if streamed else None,
-        opts["include"] or (),
-        opts["exclude"] or (),
-        warn=lambda line: stderr.print(f"camcli: {line}", markup=False, soft_wrap=True),
-    )
-    if not streamed:  # a stream is explained as it comes; a list is checked first
+        require_ray()  # before anything is loaded or written
+    methods = config.check()  # usage errors before loading
+    streamed = "-" in inputs
+    items: Any = stream_inputs(inputs, sys.stdin if streamed else None, include or (), exclude or (), warn=_warn)
+    if not streamed or engine.name == "ray":  # a stream is explained as it comes; a list is checked first
         items = list(items)
         if not items:
-            raise UsageError(no_images_message(opts["inputs"]))
-    if opts["draw_boxes"] and opts["box_threshold"] is None:
-        raise UsageError("--draw-boxes draws the boxes of --box-threshold F (e.g. 0.15): give it too")
-    from camcli.models.spec import parse_output_key
-
-    output_key = parse_output_key(opts["output_key"])
-    positive = opts["target"] is not None and opts["target"].lower() == "positive"
-    mean, std = _floats(opts["mean"], "--mean", (1, 3)), _floats(opts["std"], "--std", (1, 3))
-    asked = {
-        "model": opts["model"],
-        "weights": opts["weights"],
-        "layer": opts["layer"],
-        "input_size": opts["input_size"],
-        "mean": mean,
-        "std": std,
-        "labels": None if opts["labels"] is None else str(opts["labels"]),
-    }
-    request = {
-        "methods": [m.name for m in methods],
-        "target": "positive" if positive else opts["target"] or "top1",
-        "topk": opts["topk"] or 1,
-        "heatmap": opts["save_heatmap"],
-        "overlay_format": opts["overlay_format"],
-        "asked": json.loads(json.dumps(asked)),  # as a JSON file gives it back (tuples as lists)
-    }
-    if metric_options is not None:
-        request["metrics"] = {
-            "steps": metric_options.steps,
-            "substrate": metric_options.substrate,
-            "boxes": None if box_index is None else box_index.source,
-        }
-        if metric_options.road:
-            request["metrics"]["road"] = True
-    if opts["grid"]:  # only then, so earlier runs' JSON still matches for resuming
-        request["grid"] = True
-    extras = {  # recorded only when not the default, so earlier runs' JSON still matches
-        "score": opts["score"],  # as asked: the default depends on the head, known once loaded
-        "threshold": opts["threshold"] if positive else None,
-        "output_key": output_key,
-        "channels": opts["channels"],
-        "heatmap_raw": True if opts["save_heatmap_raw"] else None,
-        "box_threshold": opts["box_threshold"],
-        "draw_boxes": True if opts["draw_boxes"] else None,
-        "precision": opts["precision"] if opts["precision"] != "fp32" else None,
-    }
-    request |= {key: value for key, value in extras.items() if value is not None}
-    if settings:  # a changed setting (--set rise.masks=500, --samples 3) redoes the images
-        request["method_options"] = settings
-    for option in ("contrast", "smooth"):  # likewise: only when given
-        if opts[option] is not None:
-            request[option] = opts[option]
-    if not streamed and not opts["overwrite"] and not opts.get("grid_only") and not opts["dry_run"]:
-        finished = _all_finished(items, opts["out"], request)
+            raise UsageError(no_images_message(inputs))
+    if not streamed and not config.overwrite and not config.grid_only and not view.dry_run:
+        finished = _all_finished(items, config.out, config.request(methods))
         if finished is not None:  # nothing to do: the model is not even loaded
-            return _report_finished(items, finished, opts)
-    _check_target_early(opts, box_index)
-    device = _device(opts["device"])
-    from camcli.engine import Explainer, parse_contrast, parse_target
-    from camcli.models import check_labels, resolve_layers
-    from camcli.pipeline import ExplainRun, RunOptions, choose_score
+            from camcli.run.reporting import RunSummary
 
-    loaded = _load(opts, device)
-    methods = parse_methods(opts["method"], settings, loaded.input)
-    layers = resolve_layers(loaded.model, opts["layer"], loaded.input, device, output_key=output_key)
-    layer = layers[0]
-    check_labels(loaded, layer.num_classes)
-    target = parse_target(opts["target"], opts["topk"], loaded.categories, layer.num_classes, opts["threshold"])
-    score = choose_score(opts["score"], target.threshold is not None, layer.binary)
-    contrast = parse_contrast(opts["contrast"], loaded.categories, layer.num_classes)
-    explainer = Explainer(
-        loaded.model,
-        layers,
-        methods,
-        chunk_size=opts["chunk_size"],
-        output_key=output_key,
-        optional=added_by_all(opts["method"]),
-        fuse=opts["fuse"],
-        contrast=contrast,
-        smooth=opts["smooth"],
-        precision=opts["precision"],  # refused here, before --out is made, where the device lacks it
-    )
-    if explainer.skipped:
-        skipped = "; ".join(f"{name} ({why})" for name, why in explainer.skipped)
-        stderr.print(f"camcli: -m all: skipped {skipped}", markup=False, soft_wrap=True)
-    if not opts["dry_run"]:  # only now: a usage error above leaves no empty folder behind
-        check_writable(opts["out"])
-    if box_index is not None and not streamed and not any(box_index.lookup(item) for item in items):
-        stderr.print(
-            f"camcli: warning: {box_index.source} has boxes for none of the {len(items)} images",
-            markup=False,
-            soft_wrap=True,
+            summary = RunSummary(skipped=len(finished))
+            table = _summary_table(view, items, config.out)
+            for record in finished:
+                _emit(view, table, record)
+            return _finish(view, config, items, summary, table)
+    config.check_target_early()
+    from camcli.run.plan import prepare
+
+    prepared = prepare(config, "cpu" if engine.name == "ray" else None)
+    if prepared.explainer.skipped:
+        _warn("-m all: skipped " + "; ".join(f"{name} ({why})" for name, why in prepared.explainer.skipped))
+    if prepared.explainer.fp32_methods:
+        _warn(
+            f"{', '.join(prepared.explainer.fp32_methods)} computed in fp32: under {config.precision} "
+            "their maps drift from fp32 (or share a pass with one that does)"
         )
-    request = {
-        "model": loaded.name,
-        "weights": loaded.weights,
-        "layer": explainer.layer_name,
-        **({"fuse": opts["fuse"]} if len(layers) > 1 else {}),  # one layer: nothing fused, JSON as before
-        "input": loaded.input.to_json(),
-        **request,
-        "methods": [m.name for m in explainer.methods],
-    }
-    if explainer.skipped:  # -m all: what did not apply to this model, and why
-        request["skipped_methods"] = [{"method": name, "reason": why} for name, why in explainer.skipped]
-    if explainer.fp32_methods:  # --precision bf16/fp16: the methods kept in fp32, said once
-        request["fp32_methods"] = explainer.fp32_methods
-        stderr.print(
-            f"camcli: {', '.join(explainer.fp32_methods)} computed in fp32: under {opts['precision']} "
-            "their maps drift from fp32 (or share a pass with one that does)",
-            markup=False,
-            soft_wrap=True,
+    if not view.dry_run:  # only now: a usage error above leaves no empty folder behind
+        check_writable(config.out)
+    if prepared.boxes is not None and not streamed and not any(prepared.boxes.lookup(item) for item in items):
+        _warn(f"warning: {prepared.boxes.source} has boxes for none of the {len(items)} images")
+    if prepared.loaded.random_weights and not view.quiet:  # after every usage check: errors stay one line
+        _warn(
+            f"warning: {prepared.loaded.name} has random weights (--weights none): its predictions and maps "
+            "show an untrained network"
         )
-    options = RunOptions(
-        out_dir=opts["out"],
-        batch_size=opts["batch_size"],
-        colormap=opts["colormap"],
-        alpha=opts["alpha"],
-        save_heatmap=opts["save_heatmap"],
-        overwrite=opts["overwrite"],
-        overlay_format=opts["overlay_format"],
-        workers=opts["workers"],
-        metrics=metric_options,
-        boxes=box_index,
-        grid=opts["grid"],
-        grid_only=opts.get("grid_only", False),
-        panel_size=opts.get("panel_size", 224),
-        max_pixels=opts["max_pixels"],
-        score=score,
-        save_raw=opts["save_heatmap_raw"],
-        box_threshold=opts["box_threshold"],
-        draw_boxes=opts["draw_boxes"],
-    )
-    run = ExplainRun(loaded, explainer, target, device, options, request)
-    if loaded.random_weights and not opts["quiet"]:  # after every usage check: errors stay one line
-        stderr.print(
-            f"camcli: warning: {loaded.name} has random weights (--weights none): its predictions and maps "
-            "show an untrained network",
-            markup=False,
-            soft_wrap=True,
+    from camcli.run.local import LocalRun
+    from camcli.run.reporting import Reporter
+
+    if view.dry_run:
+        return _dry_run(LocalRun(prepared), items, config.out)
+    table = _summary_table(view, items if isinstance(items, list) else [], config.out)
+    with _progress(view, len(items) if isinstance(items, list) else None, "explaining") as advance:
+        reporter = Reporter(lambda record: _emit(view, table, record), _warn, advance)
+        if engine.name == "ray":
+            from camcli.run.ray import RayOptions, run_on_ray
+
+            summary = run_on_ray(
+                prepared, items, reporter, RayOptions(engine.address, engine.workers, engine.gpus_per_worker)
+            )
+        else:
+            summary = LocalRun(prepared).run(items, reporter)
+    return _finish(view, config, items, summary, table)
+
+
+def _summary_table(view: RunView, items: list[Any], out: Path) -> SummaryTable | None:
+    from camcli.summary import SummaryTable
+
+    return SummaryTable(items, out) if view.summary_csv else None
+
+
+def _emit(view: RunView, table: SummaryTable | None, record: dict[str, Any]) -> None:
+    """One image's record, once its files are written: to evaluate, the CSV and --jsonl."""
+    if view.records is not None:
+        view.records.append(record)
+    if table is not None:
+        table.add(record)
+    if view.jsonl:
+        sys.stdout.write(json_text(record) + "\n")
+        sys.stdout.flush()
+
+
+@contextmanager
+def _progress(view: RunView, total: int | None, description: str) -> Iterator[Any]:
+    """A progress bar on a terminal (never under CI or -q); yields its `advance(n)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    show = stderr.is_terminal and not view.quiet and not os.environ.get("CI")
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    with Progress(*columns, TimeRemainingColumn(), console=stderr, disable=not show) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def _finish(view: RunView, config: ExplainConfig, items: Any, summary: RunSummary, table: SummaryTable | None) -> int:
+    """The end of every run: the summary CSV, one line on stderr, the report, the exit code."""
+    if table is not None:
+        try:
+            atomic_write(view.summary_csv, table.to_csv())  # type: ignore[arg-type]
+        except OSError as exc:
+            _warn(f"{view.summary_csv}: cannot write the summary: {exc.strerror or exc}")
+            return ExitCode.IMAGE_FAILED
+    if summary.disk_full:
+        _warn(
+            f"stopped: the disk is full; {summary.seen} of the images seen were handled, nothing is left "
+            "half-written; free some space and run the same command again to resume"
         )
-    if opts["dry_run"]:
-        return _dry_run(run, items, opts["out"])
-    return _run(run, items, opts)
+        return ExitCode.IMAGE_FAILED
+    if not view.quiet or summary.interrupted:
+        stopped = ""
+        if summary.interrupted:
+            left = f"{len(items) - summary.seen} not started" if isinstance(items, list) else "the rest not started"
+            stopped = f"interrupted, {left}; "
+        counts = f"{summary.done} explained, {summary.skipped} already done, {summary.failed} failed"
+        _warn(f"{stopped}{counts} -> {config.out}")
+    if summary.interrupted:
+        return ExitCode.INTERRUPTED
+    report_ok = _write_report(config.out, None, view.quiet) if view.report else True
+    return ExitCode.IMAGE_FAILED if summary.failed or not report_ok else ExitCode.OK
 
 
 def _device(name: str) -> Any:
     from camcli.engine import resolve_device
 
     return resolve_device(name)
-
-
-def _check_target_early(opts: dict[str, Any], box_index: Any) -> None:
-    """A class name `--target` checked against the class list before loading, where the
-    model's source knows it from metadata (zoo models) or `--labels` gives it."""
-    target = opts["target"]
-    if target is None or target.lower() in ("top1", "positive") or target.lstrip("-").isdigit():
-        return
-    from camcli.models.spec import read_labels
-    from camcli.models.zoo import known_categories
-
-    categories = (
-        read_labels(opts["labels"]) if opts["labels"] is not None else known_categories(opts["model"], opts["weights"])
-    )
-    if categories is not None:  # else: checked once the model is loaded, still before --out is made
-        from camcli.engine import parse_target
-
-        parse_target(target, None, categories, len(categories))
 
 
 def _all_finished(items: list[Any], out: Path, request: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -599,90 +608,6 @@ def _all_finished(items: list[Any], out: Path, request: dict[str, Any]) -> list[
             return None
         records.append(prior.record)
     return records
-
-
-def _report_finished(items: list[Any], records: list[dict[str, Any]], opts: dict[str, Any]) -> int:
-    from camcli.summary import SummaryTable
-
-    for record in records:
-        if opts.get("records") is not None:
-            opts["records"].append(record)
-        if opts["jsonl"]:
-            sys.stdout.write(json_text(record) + "\n")
-    sys.stdout.flush()
-    if opts["summary_csv"]:
-        table = SummaryTable(items, opts["out"])
-        for record in records:
-            table.add(record)
-        atomic_write(opts["summary_csv"], table.to_csv())
-    if not opts["quiet"]:
-        stderr.print(
-            f"camcli: 0 explained, {len(records)} already done, 0 failed -> {opts['out']}", markup=False, soft_wrap=True
-        )
-    report_ok = _write_report(opts["out"], None, opts["quiet"]) if opts["report"] else True
-    return ExitCode.OK if report_ok else ExitCode.IMAGE_FAILED
-
-
-def _run(run: ExplainRun, items: Any, opts: dict[str, Any]) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from camcli.summary import SummaryTable
-
-    listed = items if isinstance(items, list) else []  # a stream's outputs are named relative to --out
-    summary_table = SummaryTable(listed, opts["out"]) if opts["summary_csv"] else None
-
-    def emit(record: dict[str, Any]) -> None:
-        if opts.get("records") is not None:  # `camcli evaluate` averages them
-            opts["records"].append(record)
-        if summary_table is not None:
-            summary_table.add(record)
-        if opts["jsonl"]:
-            sys.stdout.write(json_text(record) + "\n")
-            sys.stdout.flush()
-
-    def report_error(message: str) -> None:
-        stderr.print(f"camcli: {message}", markup=False, soft_wrap=True)
-
-    show_progress = stderr.is_terminal and not opts["quiet"] and not os.environ.get("CI")
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-        disable=not show_progress,
-    ) as progress:
-        task = progress.add_task("explaining", total=len(items) if isinstance(items, list) else None)
-        summary = run.run(items, emit, report_error, lambda n: progress.advance(task, n))
-    if summary_table is not None:
-        try:
-            atomic_write(opts["summary_csv"], summary_table.to_csv())
-        except OSError as exc:
-            report_error(f"{opts['summary_csv']}: cannot write the summary: {exc.strerror or exc}")
-            return ExitCode.IMAGE_FAILED
-    if summary.disk_full:
-        stderr.print(
-            f"camcli: stopped: the disk is full; {summary.seen} of the images seen were handled, nothing is left "
-            "half-written; free some space and run the same command again to resume",
-            markup=False,
-            soft_wrap=True,
-        )
-        return ExitCode.IMAGE_FAILED
-    if not opts["quiet"] or summary.interrupted:
-        stopped = ""
-        if summary.interrupted:
-            left = f"{len(items) - summary.seen} not started" if isinstance(items, list) else "the rest not started"
-            stopped = f"interrupted, {left}; "
-        stderr.print(
-            f"camcli: {stopped}{summary.done} explained, {summary.skipped} already done, "
-            f"{summary.failed} failed -> {opts['out']}",
-            markup=False,
-            soft_wrap=True,
-        )
-    if summary.interrupted:
-        return ExitCode.INTERRUPTED
-    report_ok = _write_report(opts["out"], None, opts["quiet"]) if opts["report"] else True
-    return ExitCode.IMAGE_FAILED if summary.failed or not report_ok else ExitCode.OK
 
 
 @app.command()
@@ -737,24 +662,6 @@ def _write_report(out: Path, labels_expected: Path | None, quiet: bool) -> bool:
     return not summary.problems
 
 
-def _metric_options(opts: dict[str, Any]) -> tuple[Any, Any]:
-    """--metrics, --boxes (implies --metrics), --steps, --substrate: (MetricOptions, BoxIndex) or Nones."""
-    if opts["substrate"] not in SUBSTRATES:
-        raise UsageError(f"unknown substrate {opts['substrate']!r}; use one of {', '.join(SUBSTRATES)}")
-    if opts["boxes"] is not None and opts["topk"] is not None:
-        raise UsageError("--boxes and --topk exclude each other: a box names one target per image")
-    if not opts["metrics"] and opts["boxes"] is None:
-        return None, None
-    from camcli.boxes import load_boxes
-    from camcli.metrics import MetricOptions
-
-    box_index = load_boxes(opts["boxes"]) if opts["boxes"] is not None else None
-    options = MetricOptions(
-        steps=opts["steps"], substrate=opts["substrate"], chunk_size=opts["chunk_size"], road=opts.get("road", False)
-    )
-    return options, box_index
-
-
 @app.command()
 def evaluate(
     folder: Annotated[list[str], typer.Argument(help="Images or folders (recursed).")],
@@ -796,21 +703,44 @@ def evaluate(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Score methods over images: a table of metric means per method, also written as CSV and JSON."""
-    given = dict(locals())
-    opts = {n: p.default for n, p in inspect.signature(explain).parameters.items() if p.default is not p.empty}
-    opts.update({k: v for k, v in given.items() if k != "folder"})
-    opts.update(inputs=given["folder"], metrics=True, records=[])
     with _one_line_errors(debug):
         from camcli.evaluate import summarise, table, write_summary
+        from camcli.run.plan import ExplainConfig
 
-        code = _explain(**opts)
-        ran = opts["records"][0]["request"]["methods"] if opts["records"] else [m.name for m in parse_methods(method)]
-        summaries = summarise(opts["records"], ran)  # -m all: without the methods it skipped
-        csv_path, json_path = write_summary(out, summaries, opts["records"][0]["request"] if opts["records"] else {})
+        config = ExplainConfig(
+            model=model,
+            weights=weights,
+            layer=layer,
+            fuse=fuse,
+            input_size=input_size,
+            mean=_floats(mean, "--mean", (1, 3)),
+            std=_floats(std, "--std", (1, 3)),
+            target=target,
+            methods=method,
+            metrics=True,
+            boxes=None if boxes is None else str(boxes),
+            steps=steps,
+            substrate=substrate,
+            batch_size=batch_size,
+            device=device,
+            out=out,
+            chunk_size=chunk_size,
+            box_threshold=box_threshold,
+            output_key=_output_key(output_key),
+            channels=channels,
+            trust_remote_code=trust_remote_code,
+            overwrite=overwrite,
+        )
+        view = RunView(quiet=quiet, records=[])
+        code = _explain(config, folder, None, None, view)
+        records = view.records or []
+        ran = records[0]["request"]["methods"] if records else [m.name for m in parse_methods(method)]
+        summaries = summarise(records, ran)  # -m all: without the methods it skipped
+        csv_path, json_path = write_summary(out, summaries, records[0]["request"] if records else {})
     console = Console(highlight=False)
     if not console.is_terminal:  # a file or pipe gets the whole table, not an 80-column squeeze
         console = Console(highlight=False, width=160)
-    console.print(table(summaries, f"camcli evaluate: {len(opts['records'])} images"))
+    console.print(table(summaries, f"camcli evaluate: {len(records)} images"))
     if not quiet:
         stderr.print(f"camcli: wrote {csv_path} and {json_path}", markup=False)
     raise typer.Exit(code)
@@ -851,7 +781,7 @@ def _sanity(**opts: Any) -> int:
     from camcli.errors import ImageError
     from camcli.io import collect_inputs, decode_image
     from camcli.models import load_model, resolve_layers
-    from camcli.pipeline import preprocess
+    from camcli.run.stages import preprocess
 
     methods = parse_methods(opts["method"])
     device = _device(opts["device"])
@@ -956,16 +886,30 @@ def compare(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Side-by-side grids: OUT/<name>.grid.png with the image, then one overlay per method (and target)."""
-    given = dict(locals())
-    # every other explain option at its default, so options added to explain later just work
-    opts = {
-        name: param.default
-        for name, param in inspect.signature(explain).parameters.items()
-        if param.default is not inspect.Parameter.empty
-    }
-    opts |= given | {"grid_only": True, "overwrite": True}
     with _one_line_errors(debug):
-        code = _explain(**opts)
+        from camcli.run.plan import ExplainConfig
+
+        config = ExplainConfig(
+            methods=method,
+            model=model,
+            weights=weights,
+            layer=layer,
+            fuse=fuse,
+            target=target,
+            topk=topk,
+            out=out,
+            device=device,
+            colormap=colormap,
+            alpha=alpha,
+            panel_size=panel_size,
+            input_size=input_size,
+            batch_size=batch_size,
+            labels=None if labels is None else str(labels),
+            settings=_method_settings(method, set_, {}),
+            grid_only=True,
+            overwrite=True,
+        )
+        code = _explain(config, inputs, None, None, RunView(quiet=quiet))
     raise typer.Exit(code)
 
 
@@ -1166,12 +1110,19 @@ def channels(
 
 def _channels(**opts: Any) -> int:
     from camcli.channels import ChannelsOptions, ChannelsRun, parse_channels
+    from camcli.io import collect_inputs
     from camcli.models import resolve_layer
 
     device = _device(opts["device"])
-    items = _collect(opts)
+    items = collect_inputs(
+        opts["inputs"],
+        sys.stdin if "-" in opts["inputs"] else None,
+        opts["include"] or (),
+        opts["exclude"] or (),
+        warn=_warn,
+    )
     check_writable(opts["out"])
-    loaded = _load(opts, device)
+    loaded = _load(opts["model"], opts["weights"], opts["input_size"], opts["mean"], opts["std"], device)
     info = resolve_layer(loaded.model, opts["layer"], loaded.input, device)
     options = ChannelsOptions(
         out_dir=opts["out"],
@@ -1202,7 +1153,7 @@ def _channels(**opts: Any) -> int:
     return ExitCode.IMAGE_FAILED if summary.failed else ExitCode.OK
 
 
-def _dry_run(run: ExplainRun, items: list[Any], out: Path) -> int:
+def _dry_run(run: LocalRun, items: list[Any], out: Path) -> int:
     """Print one line per input: what a real run would do with it."""
     todo = 0
     for item in items:

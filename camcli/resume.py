@@ -11,7 +11,8 @@ from camcli.io import InputItem, read_json
 
 # Request keys known only once the model is loaded; "asked" records the options as given,
 # so a re-run can tell before loading whether anything is left to do.
-_RESOLVED_KEYS = frozenset({"model", "weights", "layer", "input"})
+# Also what loading finds out: the methods `-m all` skipped and those kept in fp32.
+_RESOLVED_KEYS = frozenset({"model", "weights", "layer", "input", "fuse", "skipped_methods", "fp32_methods"})
 
 
 @dataclass(frozen=True)
@@ -38,19 +39,27 @@ def prior_result(out_dir: Path, item: InputItem, request: dict[str, Any], loaded
     record = read_json(path)
     if record is None or record.get("error") is not None or not isinstance(record.get("request"), dict):
         return Prior(record, False, methods)
-    ignore = {"methods", *_RESOLVED_KEYS} if not loaded else {"methods", "asked"}
     old = record["request"]
-
-    def key(r: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in r.items() if k not in ignore}
-
-    if key(old) != key(request) or not all((path.parent / name).is_file() for name in output_files(record)):
+    if not same_request(old, request, loaded) or not files_present(path.parent, record):
         return Prior(record, False, methods)
     done = set(old.get("methods", ()))
+    if not loaded:  # -m all asks for methods the earlier run found not to apply: not missing
+        done |= {s.get("method") for s in old.get("skipped_methods", ()) if isinstance(s, dict)}
     missing = tuple(m for m in methods if m not in done)
     if missing and "grid" in request:  # a grid shows every method: made anew with all of them
         return Prior(record, False, methods)
     return Prior(record, True, missing)
+
+
+def same_request(old: dict[str, Any], new: dict[str, Any], loaded: bool = True) -> bool:
+    """Whether two requests ask for the same thing, methods aside (those are added to)."""
+    ignore = {"methods", *_RESOLVED_KEYS} if not loaded else {"methods", "asked"}
+    return {k: v for k, v in old.items() if k not in ignore} == {k: v for k, v in new.items() if k not in ignore}
+
+
+def files_present(folder: Path, record: dict[str, Any]) -> bool:
+    """Every file the record names is there (else its image is redone)."""
+    return all((folder / name).is_file() for name in output_files(record))
 
 
 def output_files(record: dict[str, Any] | None) -> list[str]:

@@ -137,7 +137,7 @@ def _composite(loaded) -> torch.Tensor:
     import cv2
 
     from camcli.io import decode_image
-    from camcli.pipeline import preprocess
+    from camcli.run.stages import preprocess
 
     samples = Path(__file__).resolve().parent.parent / "samples"
     halves = [

@@ -30,7 +30,7 @@ from camcli.cli import app  # noqa: E402
 from camcli.errors import UsageError  # noqa: E402
 from camcli.models import load_model  # noqa: E402
 from camcli.models.outputs import select_logits  # noqa: E402
-from camcli.pipeline import preprocess  # noqa: E402
+from camcli.run.stages import preprocess  # noqa: E402
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent

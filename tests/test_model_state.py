@@ -136,7 +136,7 @@ def state():
     mask = os.umask(0o22); os.umask(mask)
     return (Image.MAX_IMAGE_PIXELS, cv2.utils.logging.getLogLevel(), mask, list(sys.path))
 before = state()
-import camcli, camcli.io, camcli.api, camcli.pipeline
+import camcli, camcli.io, camcli.api, camcli.run.local
 from camcli import load_model
 load_model("mynet:build")
 camcli.io.decode_image(camcli.io.Path(sys.argv[1]))

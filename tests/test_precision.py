@@ -20,8 +20,8 @@ from camcli.errors import UsageError
 from camcli.fused import inference_copy
 from camcli.methods import parse_methods
 from camcli.models import load_model, resolve_layer
-from camcli.pipeline import preprocess
 from camcli.precision import autocast_dtype
+from camcli.run.stages import preprocess
 
 CPU = torch.device("cpu")
 

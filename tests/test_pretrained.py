@@ -12,8 +12,8 @@ from camcli.engine import Explainer, TargetSpec
 from camcli.io import decode_image
 from camcli.methods import parse_methods
 from camcli.models import load_model, resolve_layer
-from camcli.pipeline import preprocess
 from camcli.render import resize
+from camcli.run.stages import preprocess
 
 
 @pytest.fixture(scope="module")

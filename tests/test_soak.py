@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from camcli.engine import Explainer, TargetSpec
 from camcli.io import collect_inputs
-from camcli.methods import parse_methods
-from camcli.models import load_model, resolve_layer
-from camcli.pipeline import ExplainRun, RunOptions
+from camcli.models import load_model
+from camcli.run.local import LocalRun
+from camcli.run.plan import ExplainConfig, prepare
+from camcli.run.reporting import Reporter
 
 IMAGES = 2000
 CPU = torch.device("cpu")
@@ -47,10 +47,8 @@ def test_soak_2000_images_memory_flat_and_no_fd_leak(tmp_path) -> None:
         assert cv2.imwrite(str(folder / f"img{i:04d}.png"), (rng.random((24, 32, 3)) * 255).astype(np.uint8))
 
     loaded = load_model("tiny_models:brightness", input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    layer = resolve_layer(loaded.model, "auto", loaded.input, CPU)
-    explainer = Explainer(loaded.model, layer, parse_methods("gradcam,gradcam++"))
-    options = RunOptions(out_dir=out, batch_size=16, save_heatmap=True)
-    run = ExplainRun(loaded, explainer, TargetSpec(), CPU, options, request={"soak": True})
+    config = ExplainConfig(methods="gradcam,gradcam++", out=out, batch_size=16, save_heatmap=True)
+    run = LocalRun(prepare(config, CPU, loaded=loaded))
     items = collect_inputs([str(src)])
     assert len(items) == IMAGES
 
@@ -58,7 +56,7 @@ def test_soak_2000_images_memory_flat_and_no_fd_leak(tmp_path) -> None:
     errors: list[str] = []
     fds_before = open_fds()
     start = time.perf_counter()
-    summary = run.run(items, lambda _: samples.append(resident_kib()), errors.append, lambda _: None)
+    summary = run.run(items, Reporter(lambda _: samples.append(resident_kib()), errors.append))
     elapsed = time.perf_counter() - start
     fds_after = open_fds()
 
