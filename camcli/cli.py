@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from camcli import __version__
-from camcli.choices import FUSIONS, SMOOTHINGS, SUBSTRATES
+from camcli.choices import COLORMAPS, FUSIONS, SMOOTHINGS, SUBSTRATES
 from camcli.errors import CamcliError, ExitCode, Interrupted, OptionError, UsageError
 from camcli.filters import AscentOptions
 from camcli.io import (
@@ -31,7 +31,6 @@ from camcli.io import (
 )
 from camcli.methods import added_by_all, cli_settings, list_methods, method_names, parse_methods
 from camcli.models.spec import DEFAULT_MODEL
-from camcli.render import COLORMAPS
 
 if TYPE_CHECKING:
     from camcli.io import InputItem
