@@ -5,7 +5,8 @@ of that command's start-up, with the import of `typer.rich_utils` and rich's mar
 coerces every parameter through a pydantic `TypeAdapter` it builds on first use, even for an
 option that was not given (pydantic is ~80 ms to import). The CLI uses click's plain help
 formatter instead (`rich_markup_mode=None`) and defers building the adapter until a value
-is there to coerce. Everything here sets instance attributes on this CLI's own objects.
+is there to coerce (shell completion, which fills in every default, coerces nothing).
+Everything here sets instance attributes on this CLI's own objects.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def plain_metavars(command: Any, ctx: Any = None) -> None:
 
 def defer_coercion(command: Any, ctx: Any) -> None:
     """A parameter not given (None) is coerced by typer's own rule for a missing value
-    (None, or () for a list), which needs no pydantic adapter; any other value builds
-    the adapter as typer does. Parameters of typer versions without adapters are left as
-    they are."""
+    (None, or () for a list), which needs no pydantic adapter; during shell completion
+    values stay as parsed; any other value builds the adapter as typer does. Parameters
+    of typer versions without adapters are left as they are."""
     try:
         from typer._coercion import PassThroughRuntimeParam
     except ImportError:  # typer < 0.25 coerces through click types: nothing to defer
@@ -53,7 +54,8 @@ def defer_coercion(command: Any, ctx: Any) -> None:
 
 class _Deferred:
     """`get_runtime_param` that answers with typer's missing-value coercion until a value
-    is given; the real runtime parameter is built (once, by typer) for the first value."""
+    is given; the real runtime parameter is built (once, by typer) for the first value
+    outside shell completion."""
 
     deferred = True
 
@@ -67,6 +69,8 @@ class _Deferred:
     def coerce(self, value: Any, param: Any, ctx: Any) -> Any:
         if value is None:
             return self.missing.coerce(value, param=param, ctx=ctx)
+        if ctx.resilient_parsing:  # shell completion: camcli's completers read only the word being completed
+            return value
         return self.build().coerce(value, param=param, ctx=ctx)
 
 
