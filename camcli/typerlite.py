@@ -41,7 +41,7 @@ def defer_coercion(command: Any, ctx: Any) -> None:
     of typer versions without adapters are left as they are."""
     try:
         from typer._coercion import PassThroughRuntimeParam
-    except ImportError:  # typer < 0.25 coerces through click types: nothing to defer
+    except ImportError:  # a typer that coerces through click types: nothing to defer
         return
     for param in command.get_params(ctx):  # with --help, whose value is None unless given
         build = getattr(param, "get_runtime_param", None)
