@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from camcli import __version__
-from camcli.choices import FUSIONS, SMOOTHINGS, SUBSTRATES
+from camcli.choices import COLORMAPS, FUSIONS, SMOOTHINGS, SUBSTRATES
 from camcli.errors import CamcliError, ExitCode, Interrupted, OptionError, UsageError
 from camcli.filters import AscentOptions
 from camcli.io import (
@@ -31,7 +31,7 @@ from camcli.io import (
 )
 from camcli.methods import cli_settings, list_methods, method_names, parse_methods
 from camcli.models.spec import DEFAULT_MODEL
-from camcli.render import COLORMAPS
+from camcli.typerlite import defer_coercion, first_paragraph, plain_metavars
 
 if TYPE_CHECKING:
     from camcli.models import LoadedModel
@@ -63,17 +63,26 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
     exit 2, like camcli's, instead of a usage block and a box."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        defer_coercion(self, ctx)
         return super().parse_args(ctx, _save_heatmap_value(args))
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         command = super().get_command(ctx, cmd_name)
         if command is not None:
-            _plain_metavars(command, ctx)
+            plain_metavars(command, ctx)
+            defer_coercion(command, ctx)
         return command
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        _plain_metavars(self, ctx)
+        plain_metavars(self, ctx)
         super().format_help(ctx, formatter)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command with its whole first paragraph, as the rich help showed it."""
+        rows = [(name, first_paragraph(command)) for name, command in self.commands.items() if not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -99,29 +108,13 @@ def _save_heatmap_value(args: list[str]) -> list[str]:
     return out
 
 
-def _plain_metavars(command: Any, ctx: Any = None) -> None:
-    """Help shows no Python types (typer 0.29 prints `<bool>`, `<list[str]>`, `{inputs}`):
-    flags take no value, list options show their name (INCLUDE), and arguments show
-    their name as click does (INPUTS...), with no type column."""
-    params = list(command.params)
-    if ctx is not None and command.get_help_option(ctx) is not None:
-        params.append(command.get_help_option(ctx))
-    for param in params:
-        if param.param_type_name == "argument":
-            name = param.name.upper() + ("..." if param.nargs != 1 else "")
-            param._usage_display_name = lambda name=name: name  # instance attributes: this CLI's own objects
-            param.display_type_rich = lambda ctx: None
-        elif param.metavar is None and getattr(param, "is_flag", False):
-            param.metavar = ""
-        elif param.metavar is None and param.multiple:
-            param.metavar = param.name.upper()
-
-
 app = typer.Typer(
     cls=_OneLineUsageErrors,
     help="See where a CNN image classifier looks: heatmap overlays and JSON for images and folders.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: rich's layout of explain's ~60 options took a third of its start-up
+    context_settings={"max_content_width": 120},
 )
 
 

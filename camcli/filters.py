@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from camcli.errors import UsageError
-from camcli.render import tile_grid
 
 if TYPE_CHECKING:  # torch is imported by the functions that compute: `camcli --help` reads AscentOptions
     import numpy as np
@@ -178,6 +177,8 @@ def filter_grid(model: nn.Module, layer: LayerInfo, spec: InputSpec, count: int,
     """The grid PNG of `camcli filters --layer`: channels 0..count-1, row by row."""
     import torch
 
+    from camcli.render import tile_grid  # numpy: not at import time (`camcli --help` reads AscentOptions)
+
     channels = torch.arange(min(count, layer.channels))
     images = maximise_channels(model, layer.name, channels, spec, options, layer.layout)
     return tile_grid(_rgb(stretch(images)))
@@ -186,6 +187,8 @@ def filter_grid(model: nn.Module, layer: LayerInfo, spec: InputSpec, count: int,
 def kernel_grid(model: nn.Module, dead: Sequence[int] = ()) -> np.ndarray:
     """The first convolution's kernels as RGB tiles, each min-max scaled on its own; the
     `dead` ones framed in red."""
+    from camcli.render import tile_grid
+
     tiles = _rgb(stretch(first_conv_kernels(model), 0.0, 1.0))
     scale = max(1, math.ceil(32 / max(tiles.shape[1:3])))
     tiles = tiles.repeat(scale, axis=1).repeat(scale, axis=2)

@@ -7,18 +7,8 @@ from functools import cache
 
 import numpy as np
 
+from camcli.choices import COLORMAPS
 from camcli.lazy import cv2
-
-COLORMAPS = {  # name: cv2's colormap constant (None: a plain grey ramp)
-    "jet": "COLORMAP_JET",
-    "turbo": "COLORMAP_TURBO",
-    "viridis": "COLORMAP_VIRIDIS",
-    "inferno": "COLORMAP_INFERNO",
-    "magma": "COLORMAP_MAGMA",
-    "plasma": "COLORMAP_PLASMA",
-    "hot": "COLORMAP_HOT",
-    "gray": None,
-}
 
 
 @cache

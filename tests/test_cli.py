@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from camcli.cli import app
@@ -209,3 +210,25 @@ def test_python_m_and_stdin_paths(tmp_path, samples_dir) -> None:
     written = list(out.rglob("*.json"))
     assert len(written) == 1 and written[0].is_relative_to(out)
     assert written[0].name == "skimage_camera.png.json"
+
+
+def test_help_shows_every_option_plainly_and_each_command_whole() -> None:
+    """Plain help (click's formatter, no rich layout): no Python types as metavars, every
+    option of explain, and each command's whole first paragraph in `camcli --help`."""
+    top = runner.invoke(app, ["--help"], env={"COLUMNS": "100"})
+    assert top.exit_code == 0, top.output
+    flat = " ".join(top.stdout.split())
+    assert "(Zeiler & Fergus fig. 2): its strongest activations, their receptive-field patches" in flat
+    assert "per image in --out. report" in flat  # click alone would cut it at 45 characters or a full stop
+    explain = runner.invoke(app, ["explain", "--help"], env={"COLUMNS": "100"})
+    assert explain.exit_code == 0, explain.output
+    words = explain.stdout.split()
+    text = " ".join(words)
+    for python_type in ("<bool>", "<list[str]>", "{inputs}", "SET_", "╭"):
+        assert python_type not in text
+    for shown in ("explain [OPTIONS] INPUTS...", "--include INCLUDE", "--set SET", "--save-heatmap Also", "timm:NAME"):
+        assert shown in text
+    options = [p for p in typer.main.get_command(app).commands["explain"].params if p.param_type_name == "option"]
+    assert len(options) > 50
+    for option in options:
+        assert (option.opts[-1] in words) != option.hidden, option.opts

@@ -1,4 +1,4 @@
-"""Start-up: light commands import no torch, torchvision or cv2; the default model needs
+"""Start-up: light commands import no torch, torchvision, cv2 or numpy; the default model needs
 no torchvision; Ctrl-C during start-up is one line and exit 130."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "torchvision", "cv2")
+HEAVY = ("torch", "torchvision", "cv2", "numpy")
 
 # Runs camcli in-process in a fresh interpreter, then prints which heavy modules it imported.
 _PROBE = """
