@@ -583,6 +583,8 @@ class Explainer:
                         f"{method.name} needs a global-average-pool + linear head fed by layer "
                         f"{info.name!r}, which this model does not have (use gradcam instead)"
                     )
+        if isinstance(method, AttentionMethod):
+            return _attention_unfit(self.model, method)
         if isinstance(method, InputGradientMethod) and method.rectifier_backward is not None:
             for name, module in self.model.named_modules():
                 if isinstance(module, _NON_RECTIFIER_MODULES):
@@ -890,14 +892,15 @@ class Explainer:
     def _layer_gradients(
         self, module: nn.Module, info: LayerInfo, inputs: Tensor, targets: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """`module`'s activations and d(logit of targets)/d(activations) for extra inputs."""
+        """`module`'s activations and d(logit of targets)/d(activations) for extra inputs,
+        each read as (N, C, h, w) by the layer's layout, as the CAM pass hands them."""
         with capture(module, info.as_consumed, track_grad=True, layout=info.layout) as store, torch.enable_grad():
             with lean_graph_from([module]):
                 logits = self._hooked_forward(inputs)
             activations = store["activation"]
             score = logits.gather(1, targets[:, None]).sum()
             (gradient,) = torch.autograd.grad(score, activations)
-        return activations.detach(), gradient
+        return read_map(activations.detach(), info, inputs), read_map(gradient, info, inputs)
 
     def _gradient_pass(
         self,
@@ -1042,19 +1045,22 @@ class Explainer:
 
 
 def _transformer_for(model: nn.Module, methods: Sequence[AttentionMethod]) -> Transformer | None:
-    """The model as a vision transformer the attention methods can read; each refuses by name."""
-    transformer = None
-    for method in methods:
+    """The model as a vision transformer the attention methods (each checked by `_attention_unfit`) read."""
+    return find_transformer(model, methods[0].name) if methods else None
+
+
+def _attention_unfit(model: nn.Module, method: AttentionMethod) -> str | None:
+    """Why `method` cannot read this model's attention (not a supported vision transformer,
+    no class token to follow, no way to score a block), or None if it can."""
+    try:
         transformer = find_transformer(model, method.name)
-        if method.needs_class_token and not transformer.class_token:
-            raise MethodNotApplicable(
-                f"{method.name} follows the class token's attention; this {transformer.family} has none (use legrad)"
-            )
-        if method.gradient == "block" and transformer.block_logits is None:
-            raise MethodNotApplicable(
-                f"{method.name} cannot score the blocks of this model: {transformer.no_block_logits}"
-            )
-    return transformer
+    except MethodNotApplicable as exc:
+        return str(exc)
+    if method.needs_class_token and not transformer.class_token:
+        return f"{method.name} follows the class token's attention; this {transformer.family} has none (use legrad)"
+    if method.gradient == "block" and transformer.block_logits is None:
+        return f"{method.name} cannot score the blocks of this model: {transformer.no_block_logits}"
+    return None
 
 
 def _attention_grad(score: Tensor, attentions: list[Tensor]) -> list[Tensor]:
