@@ -472,7 +472,7 @@ def _explain(**opts: Any) -> int:
         if opts[option] is not None:
             request[option] = opts[option]
     if not streamed and not opts["overwrite"] and not opts.get("grid_only") and not opts["dry_run"]:
-        finished = _all_finished(items, opts["out"], request)
+        finished = _all_finished(items, opts["out"], request, added_by_all(opts["method"]))
         if finished is not None:  # nothing to do: the model is not even loaded
             return _report_finished(items, finished, opts)
     _check_target_early(opts, box_index)
@@ -588,13 +588,16 @@ def _check_target_early(opts: dict[str, Any], box_index: Any) -> None:
         parse_target(target, None, categories, len(categories))
 
 
-def _all_finished(items: list[Any], out: Path, request: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Every image's earlier record if an earlier run finished all of them as asked, else None."""
+def _all_finished(
+    items: list[Any], out: Path, request: dict[str, Any], optional: set[str]
+) -> list[dict[str, Any]] | None:
+    """Every image's earlier record if an earlier run finished all of them as asked, else None
+    (`optional`: the methods only `-m all` brought in, which an earlier run may have skipped)."""
     from camcli.resume import prior_result
 
     records = []
     for item in items:
-        prior = prior_result(out, item, request, loaded=False)
+        prior = prior_result(out, item, request, loaded=False, optional=optional)
         if not prior.finished:
             return None
         records.append(prior.record)
