@@ -235,6 +235,21 @@ def scorecam(rounds: int, images: int) -> None:
     )
 
 
+def plain_graph(explainer: Explainer, x: torch.Tensor) -> object:
+    """`explainer` on `x` with autograd's plain graph after the layer (no `_LeanGraph`): the
+    cost without the lean ops, measured beside them."""
+    import contextlib
+
+    import camcli.engine as engine
+
+    lean = engine.lean_graph_from
+    engine.lean_graph_from = lambda modules: contextlib.nullcontext()  # type: ignore[assignment]
+    try:
+        return explainer.explain(x, TargetSpec())
+    finally:
+        engine.lean_graph_from = lean
+
+
 # --- 5 ----------------------------------------------------------------------------------------
 
 
@@ -249,9 +264,10 @@ def fine_layers(rounds: int) -> None:
     auto = resolve_layers(model, "auto", loaded.input, CPU)
     fine = resolve_layers(model, "fine", loaded.input, CPU)
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    fine_label = f"gradcam fine mean ({','.join(i.name for i in fine)})"
     explainers = {
         f"gradcam auto ({auto[0].name})": Explainer(model, auto, parse_methods("gradcam")),
-        f"gradcam fine mean ({','.join(i.name for i in fine)})": Explainer(model, fine, parse_methods("gradcam")),
+        fine_label: Explainer(model, fine, parse_methods("gradcam")),
         "gradcam fine product": Explainer(model, fine, parse_methods("gradcam"), fuse="product"),
         f"gradcam {fine[0].name} alone": Explainer(model, fine[:1], parse_methods("gradcam")),
         "gradcam++,layercam fine product": Explainer(model, fine, parse_methods("gradcam++,layercam"), fuse="product"),
@@ -264,14 +280,15 @@ def fine_layers(rounds: int) -> None:
     contenders: dict[str, Callable[[], object]] = {"forward (inference_mode, channels_last)": forward}
     for label, explainer in explainers.items():
         contenders[label] = lambda e=explainer: e.explain(x, TargetSpec())
+    contenders["gradcam fine mean, plain graph"] = lambda: plain_graph(explainers[fine_label], x)
     times = best_times(contenders, rounds)
     single = times[next(iter(explainers))]
     print(header("contender", "ms/batch", "x forward", "x auto"))
     base = times["forward (inference_mode, channels_last)"]
     for label, seconds in times.items():
         print(row(label, f"{seconds * 1e3:.0f}", f"{seconds / base:.2f}", f"{seconds / single:.2f}"))
-    fine_mean = times[f"gradcam fine mean ({','.join(i.name for i in fine)})"]
-    print(f"\nfine (mean) / single auto layer: {fine_mean / single:.2f}")
+    print(f"\nfine (mean) / single auto layer: {times[fine_label] / single:.2f}")
+    print(f"the same with the plain graph (no _LeanGraph): {times['gradcam fine mean, plain graph'] / single:.2f}")
 
 
 # --- 3 and 4 ----------------------------------------------------------------------------------
@@ -432,7 +449,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="1,2,3,4,5", help="comma list of 1-5")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sections = {int(s) for s in args.sections.split(",")}
     rounds = 2 if args.quick else 5
     print("# camcli benchmarks\n")

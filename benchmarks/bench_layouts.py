@@ -3,7 +3,8 @@
 Contenders interleaved, best of several rounds after one warm-up, random weights, 224 px,
 on the CPU. The Grad-CAM pass runs the model as it is up to the layer (frozen weights, no
 graph: torchvision's fused attention path) and records the graph from the layer on only.
-Run: PYTHONPATH=. python benchmarks/bench_layouts.py [--batch 4] [--rounds 3]
+Beside it, the same pass with autograd's plain graph (no `_LeanGraph`), for comparison.
+Run: PYTHONPATH=. python benchmarks/bench_layouts.py [--batch 4] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import best_times  # noqa: E402  (benchmarks/bench.py, beside this script)
+from bench import best_times, plain_graph  # noqa: E402  (benchmarks/bench.py, beside this script)
 
 from camcli.engine import Explainer, TargetSpec  # noqa: E402
 from camcli.methods import parse_methods  # noqa: E402
@@ -27,7 +28,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = InputSpec(224, (0.5,) * 3, (0.5,) * 3)
     inputs = torch.randn(args.batch, 3, 224, 224)
     for name in ("vit_b_16", "swin_t"):
@@ -41,13 +45,17 @@ def main() -> None:
             with torch.inference_mode():
                 model(x)
 
-        times = best_times(
-            {"forward": forward, "gradcam": lambda e=explainer, x=x: e.explain(x, TargetSpec())}, args.rounds
-        )
+        contenders = {
+            "forward": forward,
+            "gradcam": lambda e=explainer, x=x: e.explain(x, TargetSpec()),
+            "plain": lambda e=explainer, x=x: plain_graph(e, x),
+        }
+        times = best_times(contenders, args.rounds)
         forward_s = times["forward"]
         print(
             f"{name}: layer {info.name} ({info.layout.describe()}); batch {args.batch}: forward {forward_s:.3f} s, "
-            f"gradcam {times['gradcam']:.3f} s, ratio {times['gradcam'] / forward_s:.2f}"
+            f"gradcam {times['gradcam']:.3f} s, ratio {times['gradcam'] / forward_s:.2f} "
+            f"(with autograd's plain graph after the layer: {times['plain'] / forward_s:.2f})"
         )
 
 
