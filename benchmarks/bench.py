@@ -1,7 +1,7 @@
 """camcli's speed and memory against the physical limit of each method and against
 pytorch-grad-cam, measured in one run on one machine (ratios; absolute times for context).
 
-    python benchmarks/bench.py                 # all four sections, ~10 min on 2 CPU cores
+    python benchmarks/bench.py                 # all five sections, ~10 min on 2 CPU cores
     python benchmarks/bench.py --sections 1,2  # a subset
     python benchmarks/bench.py --quick         # fewer repeats and images, a smoke run
 
@@ -11,7 +11,9 @@ pytorch-grad-cam, measured in one run on one machine (ratios; absolute times for
    best batch), and camcli vs pytorch-grad-cam's ScoreCAM with the Pearson of their maps;
 3. a folder end to end (`camcli explain DIR -m gradcam --model resnet50 --weights none`),
    per image beyond start-up, against forward-only and a plain pytorch-grad-cam loop;
-4. peak RSS of `camcli explain` on 100 vs 1,000 images.
+4. peak RSS of `camcli explain` on 100 vs 1,000 images;
+5. `--layer fine` (the auto layer fused with the last stage at twice its resolution) on
+   Lite0, batch 8, 224 px: its batch time / the single auto layer's, beside forward-only.
 
 The machine is shared and noisy: contenders run interleaved, round after round, and each
 keeps its best time, so a burst of load slows one round, not one contender. pytorch-grad-cam
@@ -45,7 +47,7 @@ from camcli.engine import Explainer, TargetSpec  # noqa: E402
 from camcli.io import decode_image  # noqa: E402
 from camcli.methods import parse_methods  # noqa: E402
 from camcli.methods.scorecam import ScoreCAM  # noqa: E402
-from camcli.models import load_model, resolve_layer  # noqa: E402
+from camcli.models import load_model, resolve_layer, resolve_layers  # noqa: E402
 from camcli.run.stages import preprocess  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -233,6 +235,62 @@ def scorecam(rounds: int, images: int) -> None:
     )
 
 
+def plain_graph(explainer: Explainer, x: torch.Tensor) -> object:
+    """`explainer` on `x` with autograd's plain graph after the layer (no `_LeanGraph`): the
+    cost without the lean ops, measured beside them."""
+    import contextlib
+
+    import camcli.engine as engine
+
+    lean = engine.lean_graph_from
+    engine.lean_graph_from = lambda modules: contextlib.nullcontext()  # type: ignore[assignment]
+    try:
+        return explainer.explain(x, TargetSpec())
+    finally:
+        engine.lean_graph_from = lean
+
+
+# --- 5 ----------------------------------------------------------------------------------------
+
+
+def fine_layers(rounds: int) -> None:
+    """`--layer fine` costs one forward and one backward for both layers; the backward runs from
+    the head down to the finer layer, through Lite0's last (stride-32) stage, where the single
+    auto layer's stops at the head's input. The finer layer alone is shown beside it: fusing
+    the two adds almost nothing to it."""
+    print("\n## 5. --layer fine on efficientnet_lite0 (embedded weights, batch 8, 224 px)\n")
+    loaded = load_model("efficientnet_lite0", None)
+    model = loaded.model.eval()
+    auto = resolve_layers(model, "auto", loaded.input, CPU)
+    fine = resolve_layers(model, "fine", loaded.input, CPU)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    fine_label = f"gradcam fine mean ({','.join(i.name for i in fine)})"
+    explainers = {
+        f"gradcam auto ({auto[0].name})": Explainer(model, auto, parse_methods("gradcam")),
+        fine_label: Explainer(model, fine, parse_methods("gradcam")),
+        "gradcam fine product": Explainer(model, fine, parse_methods("gradcam"), fuse="product"),
+        f"gradcam {fine[0].name} alone": Explainer(model, fine[:1], parse_methods("gradcam")),
+        "gradcam++,layercam fine product": Explainer(model, fine, parse_methods("gradcam++,layercam"), fuse="product"),
+    }
+
+    def forward() -> None:  # in the engine's layout (channels_last), as its passes run
+        with explainers[next(iter(explainers))].session(), torch.inference_mode():
+            model(x.contiguous(memory_format=torch.channels_last))
+
+    contenders: dict[str, Callable[[], object]] = {"forward (inference_mode, channels_last)": forward}
+    for label, explainer in explainers.items():
+        contenders[label] = lambda e=explainer: e.explain(x, TargetSpec())
+    contenders["gradcam fine mean, plain graph"] = lambda: plain_graph(explainers[fine_label], x)
+    times = best_times(contenders, rounds)
+    single = times[next(iter(explainers))]
+    print(header("contender", "ms/batch", "x forward", "x auto"))
+    base = times["forward (inference_mode, channels_last)"]
+    for label, seconds in times.items():
+        print(row(label, f"{seconds * 1e3:.0f}", f"{seconds / base:.2f}", f"{seconds / single:.2f}"))
+    print(f"\nfine (mean) / single auto layer: {times[fine_label] / single:.2f}")
+    print(f"the same with the plain graph (no _LeanGraph): {times['gradcam fine mean, plain graph'] / single:.2f}")
+
+
 # --- 3 and 4 ----------------------------------------------------------------------------------
 
 
@@ -389,9 +447,12 @@ def peak_memory(small: int, large: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="1,2,3,4", help="comma list of 1-4")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="comma list of 1-5")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sections = {int(s) for s in args.sections.split(",")}
     rounds = 2 if args.quick else 5
     print("# camcli benchmarks\n")
@@ -409,6 +470,8 @@ def main() -> None:
         folder_end_to_end(1 if args.quick else 3, 16, 40 if args.quick else 80)
     if 4 in sections:
         peak_memory(20 if args.quick else 100, 200 if args.quick else 1000)
+    if 5 in sections:
+        fine_layers(3 if args.quick else 10)
 
 
 if __name__ == "__main__":

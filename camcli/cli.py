@@ -29,7 +29,7 @@ from camcli.io import (
     no_images_message,
     stream_inputs,
 )
-from camcli.methods import cli_settings, list_methods, method_names, parse_methods
+from camcli.methods import added_by_all, cli_settings, list_methods, method_names, parse_methods
 from camcli.models.spec import DEFAULT_MODEL
 from camcli.typerlite import defer_coercion, first_paragraph, plain_metavars
 
@@ -480,7 +480,7 @@ def _explain(
         if not items:
             raise UsageError(no_images_message(inputs))
     if not streamed and not config.overwrite and not config.grid_only and not view.dry_run:
-        finished = _all_finished(items, config.out, config.request(methods))
+        finished = _all_finished(items, config.out, config.request(methods), added_by_all(config.methods))
         if finished is not None:  # nothing to do: the model is not even loaded
             from camcli.run.reporting import RunSummary
 
@@ -590,13 +590,16 @@ def _device(name: str) -> Any:
     return resolve_device(name)
 
 
-def _all_finished(items: list[Any], out: Path, request: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """Every image's earlier record if an earlier run finished all of them as asked, else None."""
+def _all_finished(
+    items: list[Any], out: Path, request: dict[str, Any], optional: set[str]
+) -> list[dict[str, Any]] | None:
+    """Every image's earlier record if an earlier run finished all of them as asked, else None
+    (`optional`: the methods only `-m all` brought in, which an earlier run may have skipped)."""
     from camcli.resume import prior_result
 
     records = []
     for item in items:
-        prior = prior_result(out, item, request, loaded=False)
+        prior = prior_result(out, item, request, loaded=False, optional=optional)
         if not prior.finished:
             return None
         records.append(prior.record)

@@ -4,7 +4,9 @@ A batch is explained with one forward (and, if any method needs it, one partial
 backward per target rank) for all CAM-family methods together: parameters are
 frozen for the call and the hooked activation is made a leaf that requires grad,
 so autograd records nothing before it and `torch.autograd.grad` computes no weight
-gradients. With several layers (`--layer a,b`) all are captured in that forward and
+gradients; from the layer on, the recorded ops take their cheapest exact form
+(`_LeanGraph`: eval batch norm as a multiply-add, attention in-projections as one matmul).
+With several layers (`--layer a,b`) all are captured in that forward and
 one `torch.autograd.grad` call returns the gradients of all of them; each method's
 normalised maps are fused (`fuse`): averaged, or multiplied as RefineCAM does.
 Input-gradient methods (guided backprop, saliency, SmoothGrad's noisy copies) take one
@@ -366,9 +368,58 @@ class _SwitchedRule:
         return self.rule(grad_out, x, lo, hi)
 
 
-class _RectifierMode(TorchFunctionMode):
+class _LeanGraph(TorchFunctionMode):
+    """Ops that autograd records, each in its cheapest exact form (equal up to float rounding).
+
+    Eval-mode batch norm becomes x * scale + shift, whose backward is one multiply, where
+    aten's batch-norm backward costs 2.5x its forward on the CPU. A linear layer fed a
+    non-contiguous input of 3+ dims gets a contiguous copy: with frozen weights aten does
+    not fold such an input into one matrix product but runs a broadcast bmm, 2.5x slower
+    in the forward and again in the backward. nn.MultiheadAttention (batch first) hands
+    its functional form the transposed input, whose in-projection is such a linear: its
+    query, key and value are made contiguous before (one copy where they are one tensor)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            return _batch_norm_as_affine(*args, **kwargs)
+        if func is F.linear and args and isinstance(args[0], Tensor) and args[0].ndim > 2:
+            return func(args[0].contiguous(), *args[1:], **kwargs)
+        if func is F.multi_head_attention_forward and len(args) >= 3:
+            copies: dict[int, Tensor] = {}
+            qkv = [copies.setdefault(id(t), t.contiguous()) for t in args[:3]]
+            return func(*qkv, *args[3:], **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def lean_graph_from(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """`_LeanGraph` from the output of the first of `modules` that runs (the leaf where the
+    graph starts) to the end of the block. The ops before run untouched: a mode active
+    there would, among others, turn off nn.MultiheadAttention's fused inference path."""
+    mode = _LeanGraph()
+    entered = False
+
+    def enter(*_: Any) -> None:
+        nonlocal entered
+        if not entered:
+            mode.__enter__()
+            entered = True
+
+    handles = [module.register_forward_hook(enter) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if entered:
+            mode.__exit__(None, None, None)
+
+
+class _RectifierMode(_LeanGraph):
     """Routes every ReLU/ReLU6 call (module or functional, in-place or not) through
-    `_Rectifier`; refuses activations the rule is not defined for."""
+    `_Rectifier`; refuses activations the rule is not defined for. Its graph starts at
+    the input, so the whole forward is lean (`_LeanGraph`)."""
 
     def __init__(self, rule: Callable[..., Tensor], method: str) -> None:
         super().__init__()
@@ -389,9 +440,7 @@ class _RectifierMode(TorchFunctionMode):
             raise _not_rectifier(self.method, f"hardtanh({lo}, {hi})")
         if func in _NON_RECTIFIER_FUNCTIONS:
             raise _not_rectifier(self.method, func.__name__)
-        if func is F.batch_norm:
-            return _batch_norm_as_affine(*args, **kwargs)
-        return func(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 def _batch_norm_as_affine(
@@ -537,6 +586,8 @@ class Explainer:
                         f"{method.name} needs a global-average-pool + linear head fed by layer "
                         f"{info.name!r}, which this model does not have (use gradcam instead)"
                     )
+        if isinstance(method, AttentionMethod):
+            return _attention_unfit(self.model, method)
         if isinstance(method, InputGradientMethod) and method.rectifier_backward is not None:
             for name, module in self.model.named_modules():
                 if isinstance(module, _NON_RECTIFIER_MODULES):
@@ -656,6 +707,8 @@ class Explainer:
                 stack.enter_context(capture(module, info.as_consumed, track_grad, info.layout))
                 for module, info in zip(self.modules, self.layers, strict=True)
             ]
+            if track_grad and guided is None:  # the graph starts at the first layer reached
+                stack.enter_context(lean_graph_from(self.modules))
             exact = any(m.needs_fp32 for m in [*self._cam, *self._layer_image])
             with torch.set_grad_enabled(track_grad or guided is not None), mode:
                 logits = self._call(self.net, model_inputs, exact)
@@ -848,13 +901,15 @@ class Explainer:
     def _layer_gradients(
         self, module: nn.Module, info: LayerInfo, inputs: Tensor, targets: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """`module`'s activations and d(logit of targets)/d(activations) for extra inputs."""
+        """`module`'s activations and d(logit of targets)/d(activations) for extra inputs,
+        each read as (N, C, h, w) by the layer's layout, as the CAM pass hands them."""
         with capture(module, info.as_consumed, track_grad=True, layout=info.layout) as store, torch.enable_grad():
-            logits = self._hooked_forward(inputs)
+            with lean_graph_from([module]):
+                logits = self._hooked_forward(inputs)
             activations = store["activation"]
             score = logits.gather(1, targets[:, None]).sum()
             (gradient,) = torch.autograd.grad(score, activations)
-        return activations.detach(), gradient
+        return read_map(activations.detach(), info, inputs), read_map(gradient, info, inputs)
 
     def _gradient_pass(
         self,
@@ -997,19 +1052,22 @@ class Explainer:
 
 
 def _transformer_for(model: nn.Module, methods: Sequence[AttentionMethod]) -> Transformer | None:
-    """The model as a vision transformer the attention methods can read; each refuses by name."""
-    transformer = None
-    for method in methods:
+    """The model as a vision transformer the attention methods (each checked by `_attention_unfit`) read."""
+    return find_transformer(model, methods[0].name) if methods else None
+
+
+def _attention_unfit(model: nn.Module, method: AttentionMethod) -> str | None:
+    """Why `method` cannot read this model's attention (not a supported vision transformer,
+    no class token to follow, no way to score a block), or None if it can."""
+    try:
         transformer = find_transformer(model, method.name)
-        if method.needs_class_token and not transformer.class_token:
-            raise MethodNotApplicable(
-                f"{method.name} follows the class token's attention; this {transformer.family} has none (use legrad)"
-            )
-        if method.gradient == "block" and transformer.block_logits is None:
-            raise MethodNotApplicable(
-                f"{method.name} cannot score the blocks of this model: {transformer.no_block_logits}"
-            )
-    return transformer
+    except MethodNotApplicable as exc:
+        return str(exc)
+    if method.needs_class_token and not transformer.class_token:
+        return f"{method.name} follows the class token's attention; this {transformer.family} has none (use legrad)"
+    if method.gradient == "block" and transformer.block_logits is None:
+        return f"{method.name} cannot score the blocks of this model: {transformer.no_block_logits}"
+    return None
 
 
 def _attention_grad(score: Tensor, attentions: list[Tensor]) -> list[Tensor]:

@@ -3,6 +3,7 @@ re-run with nothing left to do never loads torch or the model)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,16 @@ class Prior:
         return self.reusable and not self.missing
 
 
-def prior_result(out_dir: Path, item: InputItem, request: dict[str, Any], loaded: bool = True) -> Prior:
+def prior_result(
+    out_dir: Path, item: InputItem, request: dict[str, Any], loaded: bool = True, optional: Collection[str] = ()
+) -> Prior:
     """The earlier run's record of `item` in `out_dir` and which requested methods it lacks.
 
     Before the model is loaded (`loaded=False`) the options as given (``request["asked"]``)
-    stand in for what loading resolves (model, weights, layer, input recipe).
+    stand in for what loading resolves (model, weights, layer, input recipe), and the
+    methods that only `-m all` brought in (`optional`) and that the earlier run skipped as
+    not applying to that same model (its ``skipped_methods``) count as done: they would be
+    skipped again. A method named explicitly is never taken as done that way (it refuses).
     """
     methods = tuple(request["methods"])
     path = out_dir / f"{item.key}.json"
@@ -43,8 +49,9 @@ def prior_result(out_dir: Path, item: InputItem, request: dict[str, Any], loaded
     if not same_request(old, request, loaded) or not files_present(path.parent, record):
         return Prior(record, False, methods)
     done = set(old.get("methods", ()))
-    if not loaded:  # -m all asks for methods the earlier run found not to apply: not missing
-        done |= {s.get("method") for s in old.get("skipped_methods", ()) if isinstance(s, dict)}
+    if not loaded:
+        skipped = {s.get("method") for s in old.get("skipped_methods", ()) if isinstance(s, dict)}
+        done |= skipped & set(optional)
     missing = tuple(m for m in methods if m not in done)
     if missing and "grid" in request:  # a grid shows every method: made anew with all of them
         return Prior(record, False, methods)

@@ -402,9 +402,36 @@ def test_grid_follows_the_input_not_a_fixed_size() -> None:
         assert maps_of(result, "rollout").shape == (1, size[0] // 8, size[1] // 8)
 
 
-def test_methods_are_registered_outside_all() -> None:
+def all_methods(model: nn.Module, size: int) -> Explainer:
+    """`-m all` at the auto layer, as the command line builds it."""
+    from camcli.methods import added_by_all
+    from camcli.models import InputSpec, resolve_layer
+
+    info = resolve_layer(model, "auto", InputSpec(size, (0.5,) * 3, (0.5,) * 3), torch.device("cpu"))
+    return Explainer(model, info, parse_methods("all"), optional=added_by_all("all"), channels_last=False)
+
+
+def test_all_runs_them_on_a_vit_and_skips_them_on_a_cnn_with_the_reason() -> None:
     assert set(METHODS) <= set(list_methods())
-    assert not {m.name for m in parse_methods("all")} & set(METHODS)
+    assert set(METHODS) <= {m.name for m in parse_methods("all")}
+    vit = all_methods(timm_vit(), 32)
+    assert not set(METHODS) & {name for name, _ in vit.skipped}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    together = vit.explain(x, TargetSpec())
+    for method in METHODS:  # the same maps as the method asked alone
+        alone = explainer(vit.model, method).explain(x, TargetSpec())
+        torch.testing.assert_close(maps_of(together, method), maps_of(alone, method), rtol=1e-5, atol=1e-6)
+    from torchvision.models import resnet18
+
+    cnn = all_methods(resnet18(weights=None, num_classes=10).eval(), 32)
+    skipped = dict(cnn.skipped)
+    for method in METHODS:
+        assert skipped[method].startswith(f"{method} reads the attention of a vision transformer; ResNet is not")
+    assert not set(METHODS) & {m.name for m in cnn.methods}
+    gap = all_methods(timm_vit(class_token=False, global_pool="avg"), 32)  # no class token to follow
+    assert {"rollout", "grad-rollout"} <= {name for name, _ in gap.skipped}
+    assert "follows the class token" in dict(gap.skipped)["rollout"]
+    assert "legrad" in [m.name for m in gap.methods]
 
 
 def test_cli_writes_the_maps_and_a_valid_record(tmp_path, monkeypatch, samples_dir, validate_record) -> None:

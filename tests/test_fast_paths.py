@@ -52,6 +52,58 @@ def test_channels_last_changes_no_map(name: str, size: int, layer: str, methods:
         torch.testing.assert_close(a.maps / scale, b.maps / scale, atol=1e-4, rtol=0, msg=a.method)
 
 
+def _tiny_torchvision_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(32, 8, 2, 2, 16, 32, num_classes=10).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)  # torchvision zero-initialises it
+    return model
+
+
+def _mobilenet_with_trained_like_norms() -> torch.nn.Module:
+    """A fresh BatchNorm is the identity (mean 0, var 1, weight 1, bias 0): give it statistics."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(weights=None).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("build", "size", "layer", "methods"),
+    [
+        (_tiny_torchvision_vit, 32, "auto", "gradcam,gradcam++,layercam,smoothgradcam++"),  # MHA after the layer
+        (_mobilenet_with_trained_like_norms, 64, "fine", "gradcam,gradcam++,layercam"),
+    ],
+    ids=["vit-mha", "mobilenet-bn-fine"],
+)
+def test_the_lean_graph_changes_no_map(monkeypatch, build, size, layer, methods) -> None:
+    """The graph from the layer on runs eval BN as a multiply-add and MHA's in-projection as
+    one matmul (`_LeanGraph`); the maps are those of plain autograd on the model as it is."""
+    import contextlib
+
+    import camcli.engine as engine
+    from camcli.models import resolve_layers
+
+    model = build()
+    spec = InputSpec(size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    layers = resolve_layers(model, layer, spec, CPU)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    lean = Explainer(model, layers, parse_methods(methods)).explain(x, TargetSpec(topk=2))
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "lean_graph_from", lambda modules: contextlib.nullcontext())
+        plain = Explainer(model, layers, parse_methods(methods)).explain(x, TargetSpec(topk=2))
+    torch.testing.assert_close(lean.logits, plain.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(lean.explanations, plain.explanations, strict=True):
+        assert (a.method, a.rank) == (b.method, b.rank) and torch.equal(a.targets, b.targets)
+        assert not bool(b.flat.all()), a.method
+        torch.testing.assert_close(a.maps, b.maps, atol=1e-4, rtol=0, msg=a.method)
+
+
 @pytest.mark.parametrize("colormap", ["jet", "gray", "viridis"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
 def test_overlay_equals_the_float_blend(colormap: str, alpha: float) -> None:

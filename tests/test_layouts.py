@@ -218,6 +218,24 @@ def test_vit_b16_at_224_and_384(name, size, grid) -> None:
     check_model(model, size, "tokens", 1)
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [("vit_tiny_patch16_224", {"img_size": 64}, 64), ("mambaout_femto", {}, 128)],
+    ids=["tokens", "NHWC"],
+)
+def test_gradients_at_extra_inputs_are_read_by_the_layout(name, kwargs, size) -> None:
+    """Smooth Grad-CAM++ takes the layer's gradients at noisy copies (a second hooked pass):
+    with no noise its copies are the image, so its map is Grad-CAM++'s, on any layout."""
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    info = resolve_layer(model, "auto", InputSpec(size, (0.5,) * 3, (0.5,) * 3), CPU)
+    assert info.layout.kind != "NCHW"
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    methods = parse_methods("gradcam++,smoothgradcam++", {"smoothgradcam++.samples": 2, "smoothgradcam++.noise": 0.0})
+    plain, smooth = Explainer(model, info, methods, channels_last=False).explain(x, TargetSpec()).explanations
+    assert not bool(plain.flat.any())
+    torch.testing.assert_close(smooth.maps, plain.maps, rtol=1e-4, atol=1e-5)
+
+
 # --- 3: a class-token ViT: after its last attention the map is flat, and auto avoids it ----------
 
 
@@ -270,6 +288,9 @@ def test_cli_all_on_a_transformer_records_skips_grid_and_layout(tmp_path, sample
         "guided-backprop",
         "guided-gradcam",
         "deconvnet",
+        "legrad",  # the attention methods read ViT/DeiT blocks; Swin's windows are not read
+        "rollout",
+        "grad-rollout",
     }
     gradcam = next(e for e in record["explanations"] if e["method"] == "gradcam")
     assert gradcam["grid"] == [2, 2] and gradcam["layout"] == "NCHW 2x2"

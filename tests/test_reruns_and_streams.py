@@ -99,6 +99,22 @@ def test_nothing_to_do_skips_loading_the_model(images: Path, tmp_path: Path) -> 
     assert "0 explained, 2 already done" in proc.stderr
 
 
+def test_all_rerun_counts_its_skips_as_done_but_a_named_method_still_refuses(images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    every = ("-m", "all")
+    first = invoke(str(images), "-o", str(out), *every, *TINY)
+    assert first.exit_code == 0, first.output
+    record = json.loads((out / "skimage_chelsea.png.json").read_text())
+    skipped = {s["method"] for s in record["request"]["skipped_methods"]}
+    assert {"legrad", "rollout", "grad-rollout"} <= skipped  # a CNN: the attention methods do not apply
+    assert not skipped & set(record["request"]["methods"])
+    again = invoke(str(images), "-o", str(out), *every, *TINY)
+    assert again.exit_code == 0 and "0 explained, 2 already done" in again.stderr
+    assert "skipped" not in again.stderr  # decided before the model was loaded
+    named_one = invoke(str(images), "-o", str(out), "-m", "rollout", *TINY)
+    assert named_one.exit_code == 2 and "rollout reads the attention" in named_one.output
+
+
 def test_a_missing_path_on_stdin_is_an_error_record_and_the_rest_is_explained(images: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     good = images / "skimage_chelsea.png"

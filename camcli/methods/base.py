@@ -326,8 +326,6 @@ class AttentionMethod(Method):
 
     gradient: ClassVar[str | None] = None
     needs_class_token: ClassVar[bool] = False  # reads the class token's row of the attention
-    # Not in `-m all` until `all` skips what does not apply (it would refuse every CNN).
-    in_all = False
 
     def attribute(self, ctx: AttentionContext) -> Tensor:
         """(B, h, w) map over the patch grid, before the engine's relu and normalisation."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from camcli.choices import FUSIONS, SUBSTRATES
+from camcli.choices import COLORMAPS, FUSIONS, SUBSTRATES
 from camcli.errors import UsageError
 from camcli.io import DEFAULT_MAX_PIXELS, OVERLAY_FORMATS
 from camcli.models.spec import DEFAULT_MODEL
@@ -96,7 +96,6 @@ class ExplainConfig:
         returns the methods as parsed without the model (their settings checked)."""
         from camcli.methods import parse_methods
         from camcli.precision import PRECISIONS
-        from camcli.render import COLORMAPS
 
         if self.colormap not in COLORMAPS:
             raise UsageError(f"unknown colormap {self.colormap!r}; use one of {', '.join(COLORMAPS)}")
