@@ -118,6 +118,8 @@ def explain(
     settings: Mapping[str, Any] | None = None,
     precision: str = "fp32",
     metrics: bool = False,
+    steps: int = 20,
+    substrate: str = "zero",
     contrast: int | str | None = None,
     smooth: str | None = None,
 ) -> list[ImageResult]:
@@ -130,8 +132,9 @@ def explain(
     `--target` and `--topk`, `score` as `--score`, `contrast` and `smooth` as `--contrast`
     and `--smooth`. `settings` are methods' settings as `--set` takes them,
     `{"rise.masks": 500}`. `layer` and `fuse` as `--layer` (auto, fine, a name, a,b) and
-    `--fuse` (mean, product); `precision` as `--precision` (fp32, bf16, fp16); `metrics`
-    as `--metrics` (each explanation's `metrics`).
+    `--fuse` (mean, product); `precision` as `--precision` (fp32, bf16, fp16); `metrics`,
+    `steps` and `substrate` as `--metrics`, `--steps`, `--substrate` (each explanation's
+    `metrics`).
     Errors are `camcli.errors.CamcliError`s with the CLI's messages.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, weights, labels=labels)
@@ -151,6 +154,8 @@ def explain(
         precision=precision,
         chunk_size=chunk_size,
         metrics=metrics,
+        steps=steps,
+        substrate=substrate,
         device=device,
         batch_size=batch_size,
     )

@@ -128,3 +128,31 @@ def test_results_show_inline_and_give_the_clis_record(tmp_path, samples_dir, lit
         assert record[key] == written[key], key
     for key in ("model", "weights", "layer", "methods", "target", "topk", "heatmap"):
         assert record["request"][key] == written["request"][key], key
+
+
+def test_api_takes_the_clis_fusion_settings_and_metrics(tmp_path, samples_dir) -> None:
+    """The API runs the CLI's plan: fused layers, a method setting and the metrics come out
+    as the CLI writes them for the same image."""
+    image = samples_dir / "skimage_coffee.png"
+    out = tmp_path / "out"
+    flags = ["--layer", "fine", "--fuse", "product", "--set", "rise.masks=40", "--metrics", "--steps", "5"]
+    args = ["-m", "layercam,rise", *flags, "--save-heatmap", "--input-size", "160", "-o", str(out)]
+    result = CliRunner().invoke(app, ["explain", str(image), *args])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / f"{image.name}.json").read_text())
+    (got,) = explain(
+        image,
+        "layercam,rise",
+        model=load_model(input_size=160),
+        layer="fine",
+        fuse="product",
+        settings={"rise.masks": 40},
+        metrics=True,
+        steps=5,
+    )
+    for mine, theirs in zip(got.explanations, record["explanations"], strict=True):
+        assert (mine.method, mine.layer) == (theirs["method"], theirs["layer"])
+        np.testing.assert_allclose(mine.heatmap, np.load(out / theirs["heatmap"]), rtol=0, atol=1e-6)
+        assert mine.metrics == pytest.approx(theirs["metrics"], rel=1e-5)
+    assert "," in got.explanations[0].layer  # two layers fused
+    assert json.loads(got.to_json())["request"]["method_options"] == {"rise.masks": 40}
