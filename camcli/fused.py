@@ -7,13 +7,19 @@ convolution's output alone is folded into that convolution: W' = W * g / sqrt(v 
 b' = (b - m) * g / sqrt(v + eps) + beta. That is exact up to float rounding; the copy's
 logits are compared with the model's on a probe, and any disagreement beyond 1e-4 (a
 fold that was not safe) falls back to the unfolded copy, so the answer never changes.
+
+The copy's TF-"SAME" convolutions (`camcli.lite0.Conv2dSame`) whose padding does not depend
+on the input size (stride 1, an even (k - 1) * dilation: symmetric) become plain convolutions
+with that padding: the zeros are the same, but the conv reads them in place instead of from
+an `F.pad` copy of its whole input. Activations that alone read a conv's output run in
+place. Both leave every value as it was; the probe check covers them too.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -26,26 +32,29 @@ _TOLERANCE = 1e-4
 
 class _UseCounter(TorchFunctionMode):
     """Counts how many torch calls take each tensor: a conv output read by anything but
-    its BatchNorm (a residual, a shape read) is not folded."""
+    its BatchNorm or activation (a residual, a shape read) is not folded nor overwritten."""
 
     def __init__(self) -> None:
         super().__init__()
         self.uses: Counter[int] = Counter()
-        self.inside_norm = 0  # the norm's own reads of its input (dim checks, the op) count once
+        self.inside_reader = 0  # the reader's own reads of its input (dim checks, the op) count once
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence = (), kwargs: Any = None) -> Any:
-        if not self.inside_norm:
+        if not self.inside_reader:
             for leaf in tree_leaves((args, kwargs or {})):
                 if isinstance(leaf, Tensor):
                     self.uses[id(leaf)] += 1
         return func(*args, **(kwargs or {}))
 
 
-def _foldable_pairs(model: nn.Module, probe: Tensor) -> list[tuple[str, str]]:
-    """(conv, batch norm) module names where the norm is the conv output's only reader."""
+def _sole_conv_readers(
+    model: nn.Module, probe: Tensor, is_reader: Callable[[nn.Module], bool]
+) -> dict[str, list[str | None]]:
+    """For each call of each module that `is_reader` picks: the conv whose output it took
+    when it is that output's only reader, else None (one list entry per call)."""
     modules = dict(model.named_modules())
     conv_out: dict[int, str] = {}
-    bn_in: dict[str, int] = {}
+    calls: dict[str, list[int]] = {}
     keep: list[Tensor] = []  # keeps outputs alive so their ids stay unique
     counter = _UseCounter()
 
@@ -58,24 +67,24 @@ def _foldable_pairs(model: nn.Module, probe: Tensor) -> list[tuple[str, str]]:
 
         return hook
 
-    def enter_norm(name: str):
+    def enter_reader(name: str):
         def hook(_: nn.Module, inputs: Any) -> None:
-            if inputs and isinstance(inputs[0], Tensor):
-                bn_in[name] = id(inputs[0])
+            if not counter.inside_reader and inputs and isinstance(inputs[0], Tensor):
+                calls.setdefault(name, []).append(id(inputs[0]))
                 keep.append(inputs[0])
                 counter.uses[id(inputs[0])] += 1
-            counter.inside_norm += 1
+            counter.inside_reader += 1
 
         return hook
 
-    def leave_norm(*_: Any) -> None:
-        counter.inside_norm -= 1
+    def leave_reader(*_: Any) -> None:
+        counter.inside_reader -= 1
 
     handles = []
     for name, module in modules.items():
-        if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
-            handles.append(module.register_forward_pre_hook(enter_norm(name)))
-            handles.append(module.register_forward_hook(leave_norm))
+        if is_reader(module):
+            handles.append(module.register_forward_pre_hook(enter_reader(name)))
+            handles.append(module.register_forward_hook(leave_reader))
         elif isinstance(module, nn.Conv2d):
             handles.append(module.register_forward_hook(on_conv(name)))
     try:
@@ -84,16 +93,42 @@ def _foldable_pairs(model: nn.Module, probe: Tensor) -> list[tuple[str, str]]:
     finally:
         for handle in handles:
             handle.remove()
+    return {
+        name: [conv_out.get(tensor_id) if counter.uses[tensor_id] == 1 else None for tensor_id in ids]
+        for name, ids in calls.items()
+    }
+
+
+def _is_eval_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.BatchNorm2d) and module.running_mean is not None
+
+
+def _foldable_pairs(model: nn.Module, probe: Tensor) -> list[tuple[str, str]]:
+    """(conv, batch norm) module names where the norm, called once, is the conv output's only reader."""
+    modules = dict(model.named_modules())
     pairs = []
-    for bn_name, tensor_id in bn_in.items():
-        conv_name = conv_out.get(tensor_id)
-        if (
-            conv_name is not None
-            and counter.uses[tensor_id] == 1
-            and modules[conv_name].out_channels == modules[bn_name].num_features
-        ):
-            pairs.append((conv_name, bn_name))
+    for bn_name, convs in _sole_conv_readers(model, probe, _is_eval_norm).items():
+        if len(convs) == 1 and convs[0] is not None and modules[convs[0]].out_channels == modules[bn_name].num_features:
+            pairs.append((convs[0], bn_name))
     return pairs
+
+
+_ACTIVATIONS = (nn.ReLU, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.LeakyReLU)  # ReLU6 is a Hardtanh
+
+
+def _inplace_activations(model: nn.Module, probe: Tensor) -> int:
+    """Make activations in place where every call reads a conv output nothing else reads
+    (after folding: conv -> Identity -> activation): the same values without allocating and
+    writing a second tensor of that size (ReLU6 was a quarter of Lite0's folded forward).
+    How many were switched."""
+    modules = dict(model.named_modules())
+    readers = _sole_conv_readers(model, probe, lambda m: isinstance(m, _ACTIVATIONS) and not m.inplace)
+    switched = 0
+    for name, convs in readers.items():
+        if all(conv is not None for conv in convs):
+            modules[name].inplace = True
+            switched += 1
+    return switched
 
 
 @torch.no_grad()
@@ -117,6 +152,45 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _static_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The symmetric padding a TF-"SAME" conv always applies, or None where it depends on
+    the input's size (stride > 1) or is lopsided (an even kernel)."""
+    if conv.stride != (1, 1):
+        return None
+    totals = [(k - 1) * d for k, d in zip(conv.kernel_size, conv.dilation, strict=True)]
+    if any(total % 2 for total in totals):
+        return None
+    return totals[0] // 2, totals[1] // 2
+
+
+def _static_same_convs(model: nn.Module) -> int:
+    """Replace each size-independent TF-"SAME" conv by an nn.Conv2d with the same padding
+    built in (same parameters); how many were replaced."""
+    from camcli.lite0 import Conv2dSame
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is not Conv2dSame or (padding := _static_padding(module)) is None:
+            continue
+        conv = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        conv.weight = module.weight
+        conv.bias = module.bias
+        _set_module(model, name, conv.eval())
+        replaced += 1
+    return replaced
+
+
 def inference_copy(model: nn.Module, probe: Tensor) -> tuple[nn.Module, int]:
     """A deep copy of `model` in eval mode with conv + BatchNorm pairs folded, and how many
     pairs were folded (0 when none could be, or the folded copy disagreed on `probe`)."""
@@ -128,7 +202,9 @@ def inference_copy(model: nn.Module, probe: Tensor) -> tuple[nn.Module, int]:
     for conv_name, bn_name in pairs:
         _fold(fused.get_submodule(conv_name), fused.get_submodule(bn_name))
         _set_module(fused, bn_name, nn.Identity())
-    if not pairs:
+    static = _static_same_convs(fused)
+    inplace = _inplace_activations(fused, probe)
+    if not pairs and not static and not inplace:
         return fused, 0
     with torch.no_grad():
         want = plain(probe).float()
