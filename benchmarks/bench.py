@@ -7,8 +7,11 @@ pytorch-grad-cam, measured in one run on one machine (ratios; absolute times for
 
 1. gradient methods: camcli batch time / forward-only time (inference_mode, default memory
    format), efficientnet_lite0 and resnet50, batch 8, 224 px;
-2. Score-CAM on Lite0: camcli per image / ((1 + K non-constant channels) x one forward at the
-   best batch), and camcli vs pytorch-grad-cam's ScoreCAM with the Pearson of their maps;
+2. Score-CAM on Lite0, photo by photo (samples/ and benchmarks/data): camcli fp32 and bf16
+   per image / ((1 + K non-constant channels) x one forward of its inference copy at the best
+   batch), and against pytorch-grad-cam's ScoreCAM as a user runs it (default batch 16, timm's
+   tf_efficientnet_lite0 holding the same weights) and as the earlier bench ran it (on camcli's
+   own Lite0), with the Pearson of the maps;
 3. a folder end to end (`camcli explain DIR -m gradcam --model resnet50 --weights none`),
    per image beyond start-up, against forward-only and a plain pytorch-grad-cam loop;
 4. peak RSS of `camcli explain` on 100 vs 1,000 images.
@@ -21,7 +24,9 @@ is optional (`pip install -e '.[bench]'`); without it its columns say so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import os
 import platform
 import shutil
@@ -154,83 +159,199 @@ def sample_batch(paths: list[Path], spec) -> torch.Tensor:
     return torch.stack([preprocess(decode_image(p), spec) for p in paths])
 
 
+def photos(count: int) -> list[Path]:
+    """Licensed photos for Score-CAM: samples/ (scikit-image's, CC0/public domain), the two
+    colour photos of benchmarks/data, then any colour photo scikit-image ships, if installed."""
+    found = sorted((ROOT / "samples").glob("*.png")) + [
+        ROOT / "benchmarks/data" / n for n in ("astronaut.jpg", "rocket.jpg")
+    ]
+    try:
+        import skimage
+
+        data = Path(skimage.__file__).parent / "data"
+        names = {p.stem.removeprefix("skimage_") for p in found}
+        found += [
+            data / n for n in ("motorcycle_left.png", "ihc.png", "hubble_deep_field.jpg") if Path(n).stem not in names
+        ]
+    except ImportError:
+        pass
+    return [p for p in found if p.is_file()][:count]
+
+
+def live_channels(model: torch.nn.Module, layer_name: str, x: torch.Tensor) -> tuple[list[int], int]:
+    """K per image (the layer's channels whose activation is not constant), and the layer's channels."""
+    acts = {}
+    handle = dict(model.named_modules())[layer_name].register_forward_hook(
+        lambda _m, _i, out: acts.setdefault("a", out)
+    )
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        handle.remove()
+    flat = acts["a"].flatten(2)
+    return (flat.amax(-1) > flat.amin(-1)).sum(1).tolist(), flat.shape[1]
+
+
+def forwards(
+    nets: dict[str, tuple[torch.nn.Module, bool, torch.dtype | None]], batches: tuple[int, ...]
+) -> dict[str, Callable[[], None]]:
+    """One inference-mode forward of each net at each batch: '{net} @ {batch}' -> a callable."""
+    contenders = {}
+    for label, (net, channels_last, dtype) in nets.items():
+        for batch in batches:
+            x = torch.randn(batch, 3, SIZE, SIZE)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+
+            def forward(net: torch.nn.Module = net, x: torch.Tensor = x, dtype: torch.dtype | None = dtype) -> None:
+                with (
+                    torch.inference_mode(),
+                    torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+                ):
+                    net(x)
+
+            contenders[f"{label} @ {batch}"] = forward
+    return contenders
+
+
 def scorecam(rounds: int, images: int) -> None:
-    print("\n## 2. Score-CAM on efficientnet_lite0 (embedded weights, samples/, 224 px)\n")
+    print("\n## 2. Score-CAM on EfficientNet-Lite0 (embedded weights), per image, 224 px\n")
+    from camcli.lite0 import timm_lite0
+
     loaded = load_model("efficientnet_lite0", None)
     model = loaded.model.eval()
     layer = resolve_layer(model, "auto", loaded.input, CPU)
-    paths = sorted((ROOT / "samples").glob("*.png"))[:images]
+    paths = photos(images)
     x = sample_batch(paths, loaded.input)
-    explainer = Explainer(copy.deepcopy(model), layer, parse_methods("scorecam"), chunk_size=32)
-    modules = dict(explainer.model.named_modules())
     with torch.inference_mode():
-        acts = {}
-        handle = modules[layer.name].register_forward_hook(lambda _m, _i, out: acts.setdefault("a", out))
-        try:
-            explainer._forward(x)
-        finally:
-            handle.remove()
-    flat = acts["a"].flatten(2)
-    live = (flat.amax(-1) > flat.amin(-1)).sum(1)  # K per image
-    k_mean = float(live.float().mean())
+        targets = model(x).argmax(1).tolist()  # fp32 top-1: every contender explains the same class
+    ks, channels = live_channels(model, layer.name, x)
+    explainers = {
+        "camcli fp32": Explainer(copy.deepcopy(model), layer, parse_methods("scorecam"), chunk_size=32),
+        "camcli bf16": Explainer(
+            copy.deepcopy(model), layer, parse_methods("scorecam"), chunk_size=32, precision="bf16"
+        ),
+    }
+    fused = explainers["camcli fp32"].inference_model(x[:1])  # camcli's own forward: the folded copy
+    bf16 = torch.bfloat16
+    user = timm_lite0() if timm_available() else None
 
-    # The limit: one forward per (1 + K) inputs at the best batch size and layout.
-    limit_times = {}
-    for layout, net in (("default", model), ("channels_last", explainer.model)):
-        for batch in (16, 32, 64):
-            xb = torch.randn(batch, 3, SIZE, SIZE).contiguous(
-                memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            )
+    print(f"images: {', '.join(p.name for p in paths)}; K (non-constant of {channels}): {ks}")
+    print("\n### One forward, ms per input (the limits' unit; best of interleaved rounds)\n")
+    nets = {
+        "camcli copy fp32 (channels_last)": (fused, True, None),
+        "camcli copy bf16 (channels_last)": (fused, True, bf16),
+    }
+    nets["camcli Lite0 as loaded (NCHW)"] = (model, False, None)
+    if user is not None:
+        nets["timm tf_efficientnet_lite0 (NCHW)"] = (user, False, None)
+    batches = (8, 16, 32, 64)
+    limit_forwards = forwards(nets, batches)
 
-            def forward(net: torch.nn.Module = net, xb: torch.Tensor = xb) -> None:
-                with torch.inference_mode():
-                    net(xb)
+    maps: dict[tuple[str, int], np.ndarray] = {}
 
-            limit_times[f"{layout} @ {batch}"] = forward
-    result = {}
+    def ours(name: str) -> Callable[[int], object]:
+        def run(i: int) -> None:
+            result = explainers[name].explain(x[i : i + 1], TargetSpec(index=targets[i])).explanations[0]
+            maps[name, i] = upsampled(result.maps)
 
-    def ours() -> None:
-        result["maps"] = explainer.explain(x, TargetSpec()).explanations[0]
+        return run
 
-    # Interleaved with the limit's forwards, so a burst of load cannot favour either.
-    times = best_times({**limit_times, "camcli": ours}, max(1, rounds // 2))
-    ours_time = times.pop("camcli") / len(paths)
-    per_input = {k: v / int(k.split("@")[1]) for k, v in times.items()}
-    best_key = min(per_input, key=per_input.get)
-    one_forward = per_input[best_key]
-    maps = F.interpolate(result["maps"].maps[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    targets = result["maps"].targets.tolist()
-    limit = (1 + k_mean) * one_forward
-    print(f"images: {', '.join(p.name for p in paths)}; non-constant channels K: {live.tolist()} of {flat.shape[1]}")
-    print(f"one forward at the best batch ({best_key}): {one_forward * 1e3:.1f} ms per input")
-    print("ms per input by layout @ batch: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in per_input.items()))
-    print(header("contender", "s/image", "x limit"))
-    print(row("limit (1 + K) forwards", f"{limit:.2f}", "1.00"))
-    print(row("camcli scorecam", f"{ours_time:.2f}", f"{ours_time / limit:.2f}"))
-    if pytorch_grad_cam is None:
-        print("pytorch-grad-cam: not installed (pip install -e '.[bench]')")
-        return
-    anchor_model = copy.deepcopy(model)
-    anchor = pytorch_grad_cam.ScoreCAM(anchor_model, [dict(anchor_model.named_modules())[layer.name]])
-    start = time.perf_counter()
-    theirs = anchor(
-        input_tensor=x.clone(), targets=[lambda out, c=c: out.log_softmax(-1)[c] for c in targets]
-    )  # default batch size (16); log-probability targets make its maps equal to the paper's
-    anchor_time = (time.perf_counter() - start) / len(paths)
-    agreement = [pearson(maps[i, 0].numpy(), theirs[i]) for i in range(len(paths))]
-    # pytorch-grad-cam upsamples the masks with align_corners=True, the official code (and
-    # camcli) with False; at Lite0's 7x7 that alone moves the maps. Same convention, same map:
+    contenders: dict[str, Callable[[int], object]] = {name: ours(name) for name in explainers}
+    if pytorch_grad_cam is not None:
+        # (net, its module equal to camcli's layer): timm's head is conv_head -> bn2, a
+        # BatchNormAct2d with the ReLU6 inside, whose output is camcli's _head_act
+        anchors = {"pytorch-grad-cam on camcli's Lite0 (the earlier bench)": (model, layer.name)}
+        if user is not None:
+            anchors["pytorch-grad-cam on timm tf_efficientnet_lite0"] = (user, "bn2")
+        for label, (net, target_name) in anchors.items():
+            net = copy.deepcopy(net)
+            target = dict(net.named_modules())[target_name]
+            cam = pytorch_grad_cam.ScoreCAM(net, [target])  # its default batch_size: 16
+
+            def theirs(i: int, cam=cam, label=label) -> None:
+                # log-probability targets make its softmax over channels proportional to the paper's weights
+                with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+                    heat = cam(
+                        input_tensor=x[i : i + 1].clone(), targets=[lambda out, c=targets[i]: out.log_softmax(-1)[c]]
+                    )
+                maps[label, i] = heat[0]
+
+            contenders[label] = theirs
+    # interleaved image by image, round by round, with the forwards that give the limits;
+    # each keeps its best time (per image for the contenders)
+    best = {(name, i): float("inf") for name in contenders for i in range(len(paths))}
+    fastest = dict.fromkeys(limit_forwards, float("inf"))
+    for forward in limit_forwards.values():
+        forward()  # warm-up
+    for _ in range(rounds):
+        for i in range(len(paths)):
+            for name, run in contenders.items():
+                start = time.perf_counter()
+                run(i)
+                best[name, i] = min(best[name, i], time.perf_counter() - start)
+            for name, forward in limit_forwards.items():
+                start = time.perf_counter()
+                forward()
+                fastest[name] = min(fastest[name], time.perf_counter() - start)
+    per_input = {k: v / int(k.rsplit("@", 1)[1]) for k, v in fastest.items()}
+    print(header("net", *(f"@ {b}" for b in batches)))
+    for label in nets:
+        print(row(label, *(f"{per_input[f'{label} @ {b}'] * 1e3:.1f}" for b in batches)))
+    one = {p: min(v for k, v in per_input.items() if k.startswith(f"camcli copy {p}")) for p in ("fp32", "bf16")}
+    # pytorch-grad-cam's convention (align_corners=True masks), untimed: the same cost as camcli fp32
     aligned = Explainer(copy.deepcopy(model), layer, [ScoreCAM(align_corners=True)], chunk_size=32)
-    same = aligned.explain(x, TargetSpec()).explanations[0].maps
-    same = F.interpolate(same[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    agreement_aligned = [pearson(same[i, 0].numpy(), theirs[i]) for i in range(len(paths))]
-    print(row("pytorch-grad-cam ScoreCAM", f"{anchor_time:.2f}", f"{anchor_time / limit:.2f}"))
-    print(
-        f"\ncamcli is {anchor_time / ours_time:.1f}x faster. Pearson of the maps: "
-        + ", ".join(f"{v:.5f}" for v in agreement)
-        + "; with pytorch-grad-cam's mask upsampling (align_corners=True): "
-        + ", ".join(f"{v:.5f}" for v in agreement_aligned)
-    )
+    for i in range(len(paths)):
+        maps["aligned", i] = upsampled(aligned.explain(x[i : i + 1], TargetSpec(index=targets[i])).explanations[0].maps)
+
+    print("\n### Seconds per image (best of interleaved rounds)\n")
+    limits = {p: [(1 + k) * one[p] for k in ks] for p in ("fp32", "bf16")}
+    print(header("contender", *(p.name for p in paths), "total", "x limit"))
+    for p in ("fp32", "bf16"):
+        print(
+            row(f"limit (1 + K) x camcli copy {p}", *(f"{v:.2f}" for v in limits[p]), f"{sum(limits[p]):.2f}", "1.00")
+        )
+    totals = {name: sum(best[name, i] for i in range(len(paths))) for name in contenders}
+    for name in contenders:
+        precision = "bf16" if name.endswith("bf16") else "fp32"
+        cells = [f"{best[name, i]:.2f}" for i in range(len(paths))]
+        print(row(name, *cells, f"{totals[name]:.2f}", f"{totals[name] / sum(limits[precision]):.2f}"))
+    anchor = "pytorch-grad-cam on timm tf_efficientnet_lite0"
+    if anchor not in contenders:
+        print("\npytorch-grad-cam or timm: not installed (pip install -e '.[bench,timm]')")
+        return
+    print()
+    for name in explainers:
+        speedups = [best[anchor, i] / best[name, i] for i in range(len(paths))]
+        earlier = "pytorch-grad-cam on camcli's Lite0 (the earlier bench)"
+        was = totals[earlier] / totals[name] if earlier in totals else float("nan")
+        print(
+            f"- {name}: {totals[anchor] / totals[name]:.2f}x faster than {anchor} over the images "
+            f"(per image {min(speedups):.2f}-{max(speedups):.2f}x); {was:.2f}x against it on camcli's model"
+        )
+    convention = [pearson(maps["aligned", i], maps[anchor, i]) for i in range(len(paths))]
+    default = [pearson(maps["camcli fp32", i], maps[anchor, i]) for i in range(len(paths))]
+    reduced = [pearson(maps["camcli bf16", i], maps["camcli fp32", i]) for i in range(len(paths))]
+    for what, values in (
+        ("camcli fp32 with its align_corners=True masks vs pytorch-grad-cam", convention),
+        ("camcli fp32 (default, align_corners=False) vs pytorch-grad-cam", default),
+        ("camcli bf16 vs camcli fp32", reduced),
+    ):
+        print(f"- Pearson {what}: {', '.join(f'{v:.5f}' for v in values)} (worst {min(values):.5f})")
+
+
+def upsampled(maps: torch.Tensor) -> np.ndarray:
+    """A (1, h, w) map at the input's size, as pytorch-grad-cam returns it, for Pearson."""
+    return F.interpolate(maps[:, None].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # --- 3 and 4 ----------------------------------------------------------------------------------
@@ -390,6 +511,7 @@ def peak_memory(small: int, large: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="1,2,3,4", help="comma list of 1-4")
+    parser.add_argument("--photos", type=int, default=5, help="photos for Score-CAM (section 2)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
     args = parser.parse_args()
     sections = {int(s) for s in args.sections.split(",")}
@@ -404,7 +526,7 @@ def main() -> None:
     if 1 in sections:
         gradient_methods(rounds)
     if 2 in sections:
-        scorecam(rounds, 1 if args.quick else 2)
+        scorecam(1 if args.quick else 2, 1 if args.quick else args.photos)
     if 3 in sections:
         folder_end_to_end(1 if args.quick else 3, 16, 40 if args.quick else 80)
     if 4 in sections:
