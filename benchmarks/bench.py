@@ -14,7 +14,11 @@ pytorch-grad-cam, measured in one run on one machine (ratios; absolute times for
    own Lite0), with the Pearson of the maps;
 3. a folder end to end (`camcli explain DIR -m gradcam --model resnet50 --weights none`),
    per image beyond start-up, against forward-only and a plain pytorch-grad-cam loop;
-4. peak RSS of `camcli explain` on 100 vs 1,000 images.
+4. peak RSS of `camcli explain` on 100 vs 1,000 images;
+5. overlays: PNG encoder settings (time and size) on 640x480 overlays, a grid and tiles, and
+   a folder with `-m cam,gradcam,gradcam++` against `-m gradcam` per image beyond start-up;
+6. on a CUDA device (skipped without one): images/s of Grad-CAM and Score-CAM on resnet50 and
+   vit_b_16 in fp32 and bf16, and the share of a folder run's time in decode, model and writes.
 
 The machine is shared and noisy: contenders run interleaved, round after round, and each
 keeps its best time, so a burst of load slows one round, not one contender. pytorch-grad-cam
@@ -435,6 +439,17 @@ def camcli_command(folder: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "camcli", "explain", str(folder), "-o", str(out), "-q", *extra]
 
 
+def per_image_beyond_startup(runs: dict[str, Callable[[int], list[str]]], small: int, large: int, rounds: int):
+    """Seconds per image of each command beyond its start-up: (best time on `large` images -
+    best on `small`) / (large - small), runs interleaved so that a burst of load hits one
+    round, not one contender."""
+    best = {(label, n): float("inf") for label in runs for n in (small, large)}
+    for _ in range(rounds):
+        for label, n in best:
+            best[label, n] = min(best[label, n], timed(runs[label](n)))
+    return {label: (best[label, large] - best[label, small]) / (large - small) for label in runs}
+
+
 def folder_end_to_end(rounds: int, small: int, large: int) -> None:
     print(f"\n## 3. Folder end to end: per image beyond start-up ({large} - {small} images, 640x480 JPEG)\n")
     work = Path(tempfile.mkdtemp(prefix="camcli-bench-"))
@@ -463,11 +478,7 @@ def folder_end_to_end(rounds: int, small: int, large: int) -> None:
                 str(work / f"in{n}"),
                 str(work / f"out-anchor-{n}"),
             ]
-        best = {(label, n): float("inf") for label in runs for n in (small, large)}
-        for _ in range(rounds):  # interleaved, so a burst of load hits one round, not one contender
-            for label, n in best:
-                best[label, n] = min(best[label, n], timed(runs[label](n)))
-        per_image = {label: (best[label, large] - best[label, small]) / (large - small) for label in runs}
+        per_image = per_image_beyond_startup(runs, small, large, rounds)
 
         torch.manual_seed(0)
         loaded = load_model("resnet50", "none")
@@ -485,6 +496,108 @@ def folder_end_to_end(rounds: int, small: int, large: int) -> None:
             print(row(label, f"{seconds * 1e3:.0f}", f"{seconds / forward_per_image:.2f}", f"{seconds / ours:.2f}"))
         if pytorch_grad_cam is None:
             print("pytorch-grad-cam: not installed (pip install -e '.[bench]')")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- 5 ----------------------------------------------------------------------------------------
+
+PNG_SETTINGS = {  # label: cv2.imencode parameters (names), as the alternatives measured
+    "level 1, adaptive filter (camcli before)": (("IMWRITE_PNG_COMPRESSION", 1),),
+    "level 3, adaptive filter": (("IMWRITE_PNG_COMPRESSION", 3),),
+    **{
+        f"level 1, {f.lower()} filter, {strategy.lower()}": (
+            ("IMWRITE_PNG_COMPRESSION", 1),
+            ("IMWRITE_PNG_FILTER", f"IMWRITE_PNG_FILTER_{f}"),
+            ("IMWRITE_PNG_STRATEGY", f"IMWRITE_PNG_STRATEGY_{strategy}"),
+        )
+        for f in ("SUB", "UP", "PAETH")
+        for strategy in ("DEFAULT", "RLE", "HUFFMAN_ONLY")
+    },
+}
+
+
+def overlay_pictures() -> dict[str, np.ndarray]:
+    """What camcli encodes, at 640x480: Grad-CAM overlays of the photos (Lite0's real maps),
+    a comparison grid and a channels tile grid (flat cells); BGR, as cv2 takes them."""
+    from camcli.render import colorize, comparison_grid, heatmap_at_size, overlay, tile_grid
+
+    loaded = load_model("efficientnet_lite0", None)
+    layer = resolve_layer(loaded.model, "auto", loaded.input, CPU)
+    paths = photos(5)
+    maps = Explainer(loaded.model, layer, parse_methods("gradcam")).explain(
+        sample_batch(paths, loaded.input), TargetSpec()
+    )
+    heat = maps.explanations[0].maps.numpy()
+    pictures = {}
+    for path, h in zip(paths, heat, strict=True):
+        image = cv2.resize(decode_image(path), (640, 480), interpolation=cv2.INTER_AREA)
+        pictures[f"overlay {path.stem}"] = overlay(image, heatmap_at_size(h, 640, 480))
+    image = cv2.resize(decode_image(paths[1]), (640, 480), interpolation=cv2.INTER_AREA)
+    panel = pictures[f"overlay {paths[1].stem}"]
+    pictures["comparison grid"] = comparison_grid(
+        [[(image, "image", "cat"), (panel, "gradcam", "0.91"), (panel, "cam", "")]]
+    )
+    pictures["channel tiles"] = tile_grid(colorize(np.random.default_rng(0).random((64, 7, 7), dtype=np.float32)))
+    return {name: cv2.cvtColor(picture, cv2.COLOR_RGB2BGR) for name, picture in pictures.items()}
+
+
+def overlays(rounds: int, small: int, large: int) -> None:
+    print("\n## 5. Overlays: PNG settings, and three methods vs one end to end\n")
+    from camcli.io import OVERLAY_FORMATS
+
+    pictures = overlay_pictures()
+    params = {
+        label: [getattr(cv2, v) if isinstance(v, str) else v for pair in setting for v in pair]
+        for label, setting in PNG_SETTINGS.items()
+    }
+    params["JPEG quality 92 (--overlay-format jpg, lossy)"] = [cv2.IMWRITE_JPEG_QUALITY, 92]
+    ours = [getattr(cv2, v) if isinstance(v, str) else v for pair in OVERLAY_FORMATS["png"] for v in pair]
+    now = next((label for label, p in params.items() if p == ours), "camcli now")
+    params.setdefault(now, ours)
+    best = {(label, name): float("inf") for label in params for name in pictures}
+    size = {}
+    for _ in range(rounds * 3):  # interleaved; each encode keeps its best time
+        for label, p in params.items():
+            ext = ".jpg" if "JPEG" in label else ".png"
+            for name, picture in pictures.items():
+                start = time.perf_counter()
+                ok, buffer = cv2.imencode(ext, picture, p)
+                best[label, name] = min(best[label, name], time.perf_counter() - start)
+                size[label, name] = len(buffer)
+    photo_names = [n for n in pictures if n.startswith("overlay")]
+    print(
+        f"overlays of {len(photo_names)} photos at 640x480 (Lite0 Grad-CAM maps), a comparison grid, 64 channel tiles"
+    )
+    print(f"camcli's PNG now: {now}\n")
+    print(header("setting", "ms/overlay", "KiB/overlay", "grid ms", "grid KiB", "tiles ms", "tiles KiB"))
+    for label in params:
+        mean_ms = np.mean([best[label, n] for n in photo_names]) * 1e3
+        mean_kib = np.mean([size[label, n] for n in photo_names]) / 1024
+        cells = [f"{mean_ms:.1f}", f"{mean_kib:.0f}"]
+        for other in ("comparison grid", "channel tiles"):
+            cells += [f"{best[label, other] * 1e3:.1f}", f"{size[label, other] / 1024:.0f}"]
+        print(row(label, *cells))
+
+    work = Path(tempfile.mkdtemp(prefix="camcli-bench-"))
+    try:
+        for count in (small, large):
+            make_folder(work / f"in{count}", count)
+        model = ("--model", "resnet50", "--weights", "none", "--overwrite")
+        runs = {
+            f"-m {methods}": lambda n, methods=methods: camcli_command(
+                work / f"in{n}", work / f"out-{methods}-{n}", "-m", methods, *model
+            )
+            for methods in ("gradcam", "cam,gradcam,gradcam++")
+        }
+        per_image = per_image_beyond_startup(runs, small, large, rounds)
+        print(
+            f"\n`camcli explain DIR -m ... --model resnet50 --weights none`, {large} - {small} images, 640x480 JPEG\n"
+        )
+        print(header("methods", "ms/image beyond start-up", "x -m gradcam"))
+        one = per_image["-m gradcam"]
+        for label, seconds in per_image.items():
+            print(row(label, f"{seconds * 1e3:.0f}", f"{seconds / one:.2f}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -510,7 +623,7 @@ def peak_memory(small: int, large: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="1,2,3,4", help="comma list of 1-4")
+    parser.add_argument("--sections", default="1,2,3,4,5,6", help="comma list of 1-6")
     parser.add_argument("--photos", type=int, default=5, help="photos for Score-CAM (section 2)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
     args = parser.parse_args()
@@ -531,6 +644,8 @@ def main() -> None:
         folder_end_to_end(1 if args.quick else 3, 16, 40 if args.quick else 80)
     if 4 in sections:
         peak_memory(20 if args.quick else 100, 200 if args.quick else 1000)
+    if 5 in sections:
+        overlays(1 if args.quick else 3, 8 if args.quick else 16, 24 if args.quick else 80)
 
 
 if __name__ == "__main__":
