@@ -1,7 +1,7 @@
 """camcli's speed and memory against the physical limit of each method and against
 pytorch-grad-cam, measured in one run on one machine (ratios; absolute times for context).
 
-    python benchmarks/bench.py                 # all four sections, ~10 min on 2 CPU cores
+    python benchmarks/bench.py                 # every section, ~40 min on 2 CPU cores
     python benchmarks/bench.py --sections 1,2  # a subset
     python benchmarks/bench.py --quick         # fewer repeats and images, a smoke run
 
@@ -621,6 +621,99 @@ def peak_memory(small: int, large: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# --- 6 ----------------------------------------------------------------------------------------
+
+
+def device_throughput(
+    device: torch.device,
+    rounds: int,
+    size: int = SIZE,
+    batch: int = 32,
+    folder_images: int = 64,
+    models: tuple[str, ...] = ("resnet50", "vit_b_16"),
+    methods: tuple[str, ...] = ("gradcam", "scorecam"),
+) -> None:
+    """Images/s of Grad-CAM and Score-CAM on resnet50 and vit_b_16 (random weights) on
+    `device` in fp32 and bf16, and where a folder run's time goes (decode, model, writes)."""
+    from camcli.engine import stack_to_device
+    from camcli.errors import UsageError
+    from camcli.io import atomic_write, encode_image
+    from camcli.precision import autocast_dtype
+    from camcli.render import heatmap_at_size, overlay
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    print(header("model", "method", "precision", "batch", "images/s"))
+    for name in models:
+        torch.manual_seed(0)
+        loaded = load_model(name, "none")
+        model = loaded.model.to(device).eval()
+        layer = resolve_layer(model, "auto", loaded.input, device)
+        x = torch.randn(batch, 3, size, size, device=device)
+        for precision in ("fp32", "bf16"):
+            try:
+                autocast_dtype(precision, device)
+            except UsageError as refused:
+                print(row(name, "-", precision, "-", f"skipped: {refused}"))
+                continue
+            for method in methods:
+                count = batch if method == "gradcam" else max(1, batch // 8)  # Score-CAM: 1 + K forwards each
+                explainer = Explainer(model, layer, parse_methods(method), chunk_size=256, precision=precision)
+
+                def run(e: Explainer = explainer, inputs: torch.Tensor = x[:count]) -> None:
+                    e.explain(inputs, TargetSpec())
+                    synchronize()
+
+                seconds = best_times({"run": run}, rounds)["run"]
+                print(row(name, method, precision, count, f"{count / seconds:.3g}"))
+
+    # where a folder run's time goes, stage by stage (serial, so the shares add up)
+    torch.manual_seed(0)
+    loaded = load_model("resnet50", "none")
+    model = loaded.model.to(device).eval()
+    explainer = Explainer(model, resolve_layer(model, "auto", loaded.input, device), parse_methods("gradcam"))
+    work = Path(tempfile.mkdtemp(prefix="camcli-bench-"))
+    try:
+        make_folder(work / "in", folder_images)
+        paths = sorted((work / "in").glob("*.jpg"))
+        spent = dict.fromkeys(("decode", "model", "writes"), 0.0)
+        explainer.explain(stack_to_device([preprocess(decode_image(paths[0]), loaded.input)], device), TargetSpec())
+        for start in range(0, len(paths), batch):
+            t0 = time.perf_counter()
+            images = [decode_image(p) for p in paths[start : start + batch]]
+            tensors = [preprocess(image, loaded.input) for image in images]
+            t1 = time.perf_counter()
+            result = explainer.explain(stack_to_device(tensors, device), TargetSpec())
+            maps = result.explanations[0].maps.float().cpu().numpy()
+            t2 = time.perf_counter()
+            for n, (image, heat) in enumerate(zip(images, maps, strict=True)):
+                picture = overlay(image, heatmap_at_size(heat, image.shape[1], image.shape[0]))
+                atomic_write(work / f"{start + n}.png", encode_image(picture))
+            t3 = time.perf_counter()
+            spent["decode"] += t1 - t0
+            spent["model"] += t2 - t1
+            spent["writes"] += t3 - t2
+        total = sum(spent.values())
+        print(f"\nresnet50 Grad-CAM fp32 on {len(paths)} 640x480 JPEGs, batch {batch}, one thread per stage in turn:")
+        print(header("stage", "ms/image", "share"))
+        for stage, seconds in spent.items():
+            print(row(stage, f"{seconds / len(paths) * 1e3:.1f}", f"{seconds / total:.0%}"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def cuda(rounds: int) -> None:
+    print("\n## 6. On a CUDA device: images/s, and the share of decode, model and writes\n")
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA device")
+        return
+    device = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(device)}\n")
+    device_throughput(device, rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="1,2,3,4,5,6", help="comma list of 1-6")
@@ -646,6 +739,8 @@ def main() -> None:
         peak_memory(20 if args.quick else 100, 200 if args.quick else 1000)
     if 5 in sections:
         overlays(1 if args.quick else 3, 8 if args.quick else 16, 24 if args.quick else 80)
+    if 6 in sections:
+        cuda(2 if args.quick else 5)
 
 
 if __name__ == "__main__":
