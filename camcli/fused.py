@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -47,21 +47,31 @@ class _UseCounter(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _sole_conv_readers(
-    model: nn.Module, probe: Tensor, is_reader: Callable[[nn.Module], bool]
-) -> dict[str, list[str | None]]:
-    """For each call of each module that `is_reader` picks: the conv whose output it took
-    when it is that output's only reader, else None (one list entry per call)."""
+_ACTIVATIONS = (nn.ReLU, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.LeakyReLU)  # ReLU6 is a Hardtanh
+
+
+def _is_eval_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.BatchNorm2d) and module.running_mean is not None
+
+
+def _is_reader(module: nn.Module) -> bool:
+    return _is_eval_norm(module) or (isinstance(module, _ACTIVATIONS) and not module.inplace)
+
+
+def _sole_readers(model: nn.Module, probe: Tensor) -> dict[str, list[str | None]]:
+    """For each call of each eval batch norm and (not in-place) activation: the conv or norm
+    whose output it took when it is that output's only reader, else None (one entry per call).
+    One forward of `probe`."""
     modules = dict(model.named_modules())
-    conv_out: dict[int, str] = {}
+    produced: dict[int, str] = {}
     calls: dict[str, list[int]] = {}
     keep: list[Tensor] = []  # keeps outputs alive so their ids stay unique
     counter = _UseCounter()
 
-    def on_conv(name: str):
+    def on_output(name: str):
         def hook(_: nn.Module, __: Any, output: Any) -> None:
             if isinstance(output, Tensor):
-                conv_out[id(output)] = name
+                produced[id(output)] = name
                 counter.uses[id(output)] = 0  # a freed tensor may have had this id before
                 keep.append(output)
 
@@ -82,11 +92,11 @@ def _sole_conv_readers(
 
     handles = []
     for name, module in modules.items():
-        if is_reader(module):
+        if _is_reader(module):
             handles.append(module.register_forward_pre_hook(enter_reader(name)))
             handles.append(module.register_forward_hook(leave_reader))
-        elif isinstance(module, nn.Conv2d):
-            handles.append(module.register_forward_hook(on_conv(name)))
+        if isinstance(module, nn.Conv2d) or _is_eval_norm(module):
+            handles.append(module.register_forward_hook(on_output(name)))
     try:
         with torch.no_grad(), counter:
             model(probe)
@@ -94,41 +104,35 @@ def _sole_conv_readers(
         for handle in handles:
             handle.remove()
     return {
-        name: [conv_out.get(tensor_id) if counter.uses[tensor_id] == 1 else None for tensor_id in ids]
+        name: [produced.get(tensor_id) if counter.uses[tensor_id] == 1 else None for tensor_id in ids]
         for name, ids in calls.items()
     }
 
 
-def _is_eval_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.BatchNorm2d) and module.running_mean is not None
-
-
-def _foldable_pairs(model: nn.Module, probe: Tensor) -> list[tuple[str, str]]:
+def _foldable_pairs(modules: dict[str, nn.Module], readers: dict[str, list[str | None]]) -> list[tuple[str, str]]:
     """(conv, batch norm) module names where the norm, called once, is the conv output's only reader."""
-    modules = dict(model.named_modules())
     pairs = []
-    for bn_name, convs in _sole_conv_readers(model, probe, _is_eval_norm).items():
-        if len(convs) == 1 and convs[0] is not None and modules[convs[0]].out_channels == modules[bn_name].num_features:
-            pairs.append((convs[0], bn_name))
+    for name, sources in readers.items():
+        source = sources[0] if len(sources) == 1 else None
+        if (
+            _is_eval_norm(modules[name])
+            and isinstance(modules.get(source), nn.Conv2d)
+            and modules[source].out_channels == modules[name].num_features
+        ):
+            pairs.append((source, name))
     return pairs
 
 
-_ACTIVATIONS = (nn.ReLU, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.LeakyReLU)  # ReLU6 is a Hardtanh
-
-
-def _inplace_activations(model: nn.Module, probe: Tensor) -> int:
-    """Make activations in place where every call reads a conv output nothing else reads
-    (after folding: conv -> Identity -> activation): the same values without allocating and
-    writing a second tensor of that size (ReLU6 was a quarter of Lite0's folded forward).
-    How many were switched."""
-    modules = dict(model.named_modules())
-    readers = _sole_conv_readers(model, probe, lambda m: isinstance(m, _ACTIVATIONS) and not m.inplace)
-    switched = 0
-    for name, convs in readers.items():
-        if all(conv is not None for conv in convs):
-            modules[name].inplace = True
-            switched += 1
-    return switched
+def _in_place_activations(modules: dict[str, nn.Module], readers: dict[str, list[str | None]]) -> list[str]:
+    """Activations whose every call reads a fresh conv or norm output that nothing else
+    reads (after folding: conv -> Identity -> activation): in place, they give the same
+    values without writing a second tensor of that size (ReLU6 was a quarter of Lite0's
+    folded forward)."""
+    return [
+        name
+        for name, sources in readers.items()
+        if isinstance(modules[name], _ACTIVATIONS) and all(source is not None for source in sources)
+    ]
 
 
 @torch.no_grad()
@@ -198,13 +202,17 @@ def inference_copy(model: nn.Module, probe: Tensor) -> tuple[nn.Module, int]:
     for param in fused.parameters():
         param.requires_grad_(False)
     plain = copy.deepcopy(fused)
-    pairs = _foldable_pairs(fused, probe)
+    modules = dict(fused.named_modules())
+    readers = _sole_readers(fused, probe)
+    pairs = _foldable_pairs(modules, readers)
+    in_place = _in_place_activations(modules, readers)
     for conv_name, bn_name in pairs:
         _fold(fused.get_submodule(conv_name), fused.get_submodule(bn_name))
         _set_module(fused, bn_name, nn.Identity())
+    for name in in_place:
+        modules[name].inplace = True
     static = _static_same_convs(fused)
-    inplace = _inplace_activations(fused, probe)
-    if not pairs and not static and not inplace:
+    if not pairs and not static and not in_place:
         return fused, 0
     with torch.no_grad():
         want = plain(probe).float()
