@@ -1,19 +1,26 @@
 """camcli's speed and memory against the physical limit of each method and against
 pytorch-grad-cam, measured in one run on one machine (ratios; absolute times for context).
 
-    python benchmarks/bench.py                 # all five sections, ~10 min on 2 CPU cores
+    python benchmarks/bench.py                 # every section, ~40 min on 2 CPU cores
     python benchmarks/bench.py --sections 1,2  # a subset
     python benchmarks/bench.py --quick         # fewer repeats and images, a smoke run
 
 1. gradient methods: camcli batch time / forward-only time (inference_mode, default memory
    format), efficientnet_lite0 and resnet50, batch 8, 224 px;
-2. Score-CAM on Lite0: camcli per image / ((1 + K non-constant channels) x one forward at the
-   best batch), and camcli vs pytorch-grad-cam's ScoreCAM with the Pearson of their maps;
+2. Score-CAM on Lite0, photo by photo (samples/ and benchmarks/data): camcli fp32 and bf16
+   per image / ((1 + K non-constant channels) x one forward of its inference copy at the best
+   batch), and against pytorch-grad-cam's ScoreCAM as a user runs it (default batch 16, timm's
+   tf_efficientnet_lite0 holding the same weights) and as the earlier bench ran it (on camcli's
+   own Lite0), with the Pearson of the maps;
 3. a folder end to end (`camcli explain DIR -m gradcam --model resnet50 --weights none`),
    per image beyond start-up, against forward-only and a plain pytorch-grad-cam loop;
 4. peak RSS of `camcli explain` on 100 vs 1,000 images;
 5. `--layer fine` (the auto layer fused with the last stage at twice its resolution) on
-   Lite0, batch 8, 224 px: its batch time / the single auto layer's, beside forward-only.
+   Lite0, batch 8, 224 px: its batch time / the single auto layer's, beside forward-only;
+6. overlays: PNG encoder settings (time and size) on 640x480 overlays, a grid and tiles, and
+   a folder with `-m cam,gradcam,gradcam++` against `-m gradcam` per image beyond start-up;
+7. on a CUDA device (skipped without one): images/s of Grad-CAM and Score-CAM on resnet50 and
+   vit_b_16 in fp32 and bf16, and the share of a folder run's time in decode, model and writes.
 
 The machine is shared and noisy: contenders run interleaved, round after round, and each
 keeps its best time, so a burst of load slows one round, not one contender. pytorch-grad-cam
@@ -23,7 +30,9 @@ is optional (`pip install -e '.[bench]'`); without it its columns say so.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import os
 import platform
 import shutil
@@ -156,83 +165,199 @@ def sample_batch(paths: list[Path], spec) -> torch.Tensor:
     return torch.stack([preprocess(decode_image(p), spec) for p in paths])
 
 
+def photos(count: int) -> list[Path]:
+    """Licensed photos for Score-CAM: samples/ (scikit-image's, CC0/public domain), the two
+    colour photos of benchmarks/data, then any colour photo scikit-image ships, if installed."""
+    found = sorted((ROOT / "samples").glob("*.png")) + [
+        ROOT / "benchmarks/data" / n for n in ("astronaut.jpg", "rocket.jpg")
+    ]
+    try:
+        import skimage
+
+        data = Path(skimage.__file__).parent / "data"
+        names = {p.stem.removeprefix("skimage_") for p in found}
+        found += [
+            data / n for n in ("motorcycle_left.png", "ihc.png", "hubble_deep_field.jpg") if Path(n).stem not in names
+        ]
+    except ImportError:
+        pass
+    return [p for p in found if p.is_file()][:count]
+
+
+def live_channels(model: torch.nn.Module, layer_name: str, x: torch.Tensor) -> tuple[list[int], int]:
+    """K per image (the layer's channels whose activation is not constant), and the layer's channels."""
+    acts = {}
+    handle = dict(model.named_modules())[layer_name].register_forward_hook(
+        lambda _m, _i, out: acts.setdefault("a", out)
+    )
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        handle.remove()
+    flat = acts["a"].flatten(2)
+    return (flat.amax(-1) > flat.amin(-1)).sum(1).tolist(), flat.shape[1]
+
+
+def forwards(
+    nets: dict[str, tuple[torch.nn.Module, bool, torch.dtype | None]], batches: tuple[int, ...]
+) -> dict[str, Callable[[], None]]:
+    """One inference-mode forward of each net at each batch: '{net} @ {batch}' -> a callable."""
+    contenders = {}
+    for label, (net, channels_last, dtype) in nets.items():
+        for batch in batches:
+            x = torch.randn(batch, 3, SIZE, SIZE)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+
+            def forward(net: torch.nn.Module = net, x: torch.Tensor = x, dtype: torch.dtype | None = dtype) -> None:
+                with (
+                    torch.inference_mode(),
+                    torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+                ):
+                    net(x)
+
+            contenders[f"{label} @ {batch}"] = forward
+    return contenders
+
+
 def scorecam(rounds: int, images: int) -> None:
-    print("\n## 2. Score-CAM on efficientnet_lite0 (embedded weights, samples/, 224 px)\n")
+    print("\n## 2. Score-CAM on EfficientNet-Lite0 (embedded weights), per image, 224 px\n")
+    from camcli.lite0 import timm_lite0
+
     loaded = load_model("efficientnet_lite0", None)
     model = loaded.model.eval()
     layer = resolve_layer(model, "auto", loaded.input, CPU)
-    paths = sorted((ROOT / "samples").glob("*.png"))[:images]
+    paths = photos(images)
     x = sample_batch(paths, loaded.input)
-    explainer = Explainer(copy.deepcopy(model), layer, parse_methods("scorecam"), chunk_size=32)
-    modules = dict(explainer.model.named_modules())
     with torch.inference_mode():
-        acts = {}
-        handle = modules[layer.name].register_forward_hook(lambda _m, _i, out: acts.setdefault("a", out))
-        try:
-            explainer._forward(x)
-        finally:
-            handle.remove()
-    flat = acts["a"].flatten(2)
-    live = (flat.amax(-1) > flat.amin(-1)).sum(1)  # K per image
-    k_mean = float(live.float().mean())
+        targets = model(x).argmax(1).tolist()  # fp32 top-1: every contender explains the same class
+    ks, channels = live_channels(model, layer.name, x)
+    explainers = {
+        "camcli fp32": Explainer(copy.deepcopy(model), layer, parse_methods("scorecam"), chunk_size=32),
+        "camcli bf16": Explainer(
+            copy.deepcopy(model), layer, parse_methods("scorecam"), chunk_size=32, precision="bf16"
+        ),
+    }
+    fused = explainers["camcli fp32"].inference_model(x[:1])  # camcli's own forward: the folded copy
+    bf16 = torch.bfloat16
+    user = timm_lite0() if timm_available() else None
 
-    # The limit: one forward per (1 + K) inputs at the best batch size and layout.
-    limit_times = {}
-    for layout, net in (("default", model), ("channels_last", explainer.model)):
-        for batch in (16, 32, 64):
-            xb = torch.randn(batch, 3, SIZE, SIZE).contiguous(
-                memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            )
+    print(f"images: {', '.join(p.name for p in paths)}; K (non-constant of {channels}): {ks}")
+    print("\n### One forward, ms per input (the limits' unit; best of interleaved rounds)\n")
+    nets = {
+        "camcli copy fp32 (channels_last)": (fused, True, None),
+        "camcli copy bf16 (channels_last)": (fused, True, bf16),
+    }
+    nets["camcli Lite0 as loaded (NCHW)"] = (model, False, None)
+    if user is not None:
+        nets["timm tf_efficientnet_lite0 (NCHW)"] = (user, False, None)
+    batches = (8, 16, 32, 64)
+    limit_forwards = forwards(nets, batches)
 
-            def forward(net: torch.nn.Module = net, xb: torch.Tensor = xb) -> None:
-                with torch.inference_mode():
-                    net(xb)
+    maps: dict[tuple[str, int], np.ndarray] = {}
 
-            limit_times[f"{layout} @ {batch}"] = forward
-    result = {}
+    def ours(name: str) -> Callable[[int], object]:
+        def run(i: int) -> None:
+            result = explainers[name].explain(x[i : i + 1], TargetSpec(index=targets[i])).explanations[0]
+            maps[name, i] = upsampled(result.maps)
 
-    def ours() -> None:
-        result["maps"] = explainer.explain(x, TargetSpec()).explanations[0]
+        return run
 
-    # Interleaved with the limit's forwards, so a burst of load cannot favour either.
-    times = best_times({**limit_times, "camcli": ours}, max(1, rounds // 2))
-    ours_time = times.pop("camcli") / len(paths)
-    per_input = {k: v / int(k.split("@")[1]) for k, v in times.items()}
-    best_key = min(per_input, key=per_input.get)
-    one_forward = per_input[best_key]
-    maps = F.interpolate(result["maps"].maps[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    targets = result["maps"].targets.tolist()
-    limit = (1 + k_mean) * one_forward
-    print(f"images: {', '.join(p.name for p in paths)}; non-constant channels K: {live.tolist()} of {flat.shape[1]}")
-    print(f"one forward at the best batch ({best_key}): {one_forward * 1e3:.1f} ms per input")
-    print("ms per input by layout @ batch: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in per_input.items()))
-    print(header("contender", "s/image", "x limit"))
-    print(row("limit (1 + K) forwards", f"{limit:.2f}", "1.00"))
-    print(row("camcli scorecam", f"{ours_time:.2f}", f"{ours_time / limit:.2f}"))
-    if pytorch_grad_cam is None:
-        print("pytorch-grad-cam: not installed (pip install -e '.[bench]')")
-        return
-    anchor_model = copy.deepcopy(model)
-    anchor = pytorch_grad_cam.ScoreCAM(anchor_model, [dict(anchor_model.named_modules())[layer.name]])
-    start = time.perf_counter()
-    theirs = anchor(
-        input_tensor=x.clone(), targets=[lambda out, c=c: out.log_softmax(-1)[c] for c in targets]
-    )  # default batch size (16); log-probability targets make its maps equal to the paper's
-    anchor_time = (time.perf_counter() - start) / len(paths)
-    agreement = [pearson(maps[i, 0].numpy(), theirs[i]) for i in range(len(paths))]
-    # pytorch-grad-cam upsamples the masks with align_corners=True, the official code (and
-    # camcli) with False; at Lite0's 7x7 that alone moves the maps. Same convention, same map:
+    contenders: dict[str, Callable[[int], object]] = {name: ours(name) for name in explainers}
+    if pytorch_grad_cam is not None:
+        # (net, its module equal to camcli's layer): timm's head is conv_head -> bn2, a
+        # BatchNormAct2d with the ReLU6 inside, whose output is camcli's _head_act
+        anchors = {"pytorch-grad-cam on camcli's Lite0 (the earlier bench)": (model, layer.name)}
+        if user is not None:
+            anchors["pytorch-grad-cam on timm tf_efficientnet_lite0"] = (user, "bn2")
+        for label, (net, target_name) in anchors.items():
+            net = copy.deepcopy(net)
+            target = dict(net.named_modules())[target_name]
+            cam = pytorch_grad_cam.ScoreCAM(net, [target])  # its default batch_size: 16
+
+            def theirs(i: int, cam=cam, label=label) -> None:
+                # log-probability targets make its softmax over channels proportional to the paper's weights
+                with contextlib.redirect_stderr(io.StringIO()):  # its progress bar
+                    heat = cam(
+                        input_tensor=x[i : i + 1].clone(), targets=[lambda out, c=targets[i]: out.log_softmax(-1)[c]]
+                    )
+                maps[label, i] = heat[0]
+
+            contenders[label] = theirs
+    # interleaved image by image, round by round, with the forwards that give the limits;
+    # each keeps its best time (per image for the contenders)
+    best = {(name, i): float("inf") for name in contenders for i in range(len(paths))}
+    fastest = dict.fromkeys(limit_forwards, float("inf"))
+    for forward in limit_forwards.values():
+        forward()  # warm-up
+    for _ in range(rounds):
+        for i in range(len(paths)):
+            for name, run in contenders.items():
+                start = time.perf_counter()
+                run(i)
+                best[name, i] = min(best[name, i], time.perf_counter() - start)
+            for name, forward in limit_forwards.items():
+                start = time.perf_counter()
+                forward()
+                fastest[name] = min(fastest[name], time.perf_counter() - start)
+    per_input = {k: v / int(k.rsplit("@", 1)[1]) for k, v in fastest.items()}
+    print(header("net", *(f"@ {b}" for b in batches)))
+    for label in nets:
+        print(row(label, *(f"{per_input[f'{label} @ {b}'] * 1e3:.1f}" for b in batches)))
+    one = {p: min(v for k, v in per_input.items() if k.startswith(f"camcli copy {p}")) for p in ("fp32", "bf16")}
+    # pytorch-grad-cam's convention (align_corners=True masks), untimed: the same cost as camcli fp32
     aligned = Explainer(copy.deepcopy(model), layer, [ScoreCAM(align_corners=True)], chunk_size=32)
-    same = aligned.explain(x, TargetSpec()).explanations[0].maps
-    same = F.interpolate(same[:, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    agreement_aligned = [pearson(same[i, 0].numpy(), theirs[i]) for i in range(len(paths))]
-    print(row("pytorch-grad-cam ScoreCAM", f"{anchor_time:.2f}", f"{anchor_time / limit:.2f}"))
-    print(
-        f"\ncamcli is {anchor_time / ours_time:.1f}x faster. Pearson of the maps: "
-        + ", ".join(f"{v:.5f}" for v in agreement)
-        + "; with pytorch-grad-cam's mask upsampling (align_corners=True): "
-        + ", ".join(f"{v:.5f}" for v in agreement_aligned)
-    )
+    for i in range(len(paths)):
+        maps["aligned", i] = upsampled(aligned.explain(x[i : i + 1], TargetSpec(index=targets[i])).explanations[0].maps)
+
+    print("\n### Seconds per image (best of interleaved rounds)\n")
+    limits = {p: [(1 + k) * one[p] for k in ks] for p in ("fp32", "bf16")}
+    print(header("contender", *(p.name for p in paths), "total", "x limit"))
+    for p in ("fp32", "bf16"):
+        print(
+            row(f"limit (1 + K) x camcli copy {p}", *(f"{v:.2f}" for v in limits[p]), f"{sum(limits[p]):.2f}", "1.00")
+        )
+    totals = {name: sum(best[name, i] for i in range(len(paths))) for name in contenders}
+    for name in contenders:
+        precision = "bf16" if name.endswith("bf16") else "fp32"
+        cells = [f"{best[name, i]:.2f}" for i in range(len(paths))]
+        print(row(name, *cells, f"{totals[name]:.2f}", f"{totals[name] / sum(limits[precision]):.2f}"))
+    anchor = "pytorch-grad-cam on timm tf_efficientnet_lite0"
+    if anchor not in contenders:
+        print("\npytorch-grad-cam or timm: not installed (pip install -e '.[bench,timm]')")
+        return
+    print()
+    for name in explainers:
+        speedups = [best[anchor, i] / best[name, i] for i in range(len(paths))]
+        earlier = "pytorch-grad-cam on camcli's Lite0 (the earlier bench)"
+        was = totals[earlier] / totals[name] if earlier in totals else float("nan")
+        print(
+            f"- {name}: {totals[anchor] / totals[name]:.2f}x faster than {anchor} over the images "
+            f"(per image {min(speedups):.2f}-{max(speedups):.2f}x); {was:.2f}x against it on camcli's model"
+        )
+    convention = [pearson(maps["aligned", i], maps[anchor, i]) for i in range(len(paths))]
+    default = [pearson(maps["camcli fp32", i], maps[anchor, i]) for i in range(len(paths))]
+    reduced = [pearson(maps["camcli bf16", i], maps["camcli fp32", i]) for i in range(len(paths))]
+    for what, values in (
+        ("camcli fp32 with its align_corners=True masks vs pytorch-grad-cam", convention),
+        ("camcli fp32 (default, align_corners=False) vs pytorch-grad-cam", default),
+        ("camcli bf16 vs camcli fp32", reduced),
+    ):
+        print(f"- Pearson {what}: {', '.join(f'{v:.5f}' for v in values)} (worst {min(values):.5f})")
+
+
+def upsampled(maps: torch.Tensor) -> np.ndarray:
+    """A (1, h, w) map at the input's size, as pytorch-grad-cam returns it, for Pearson."""
+    return F.interpolate(maps[:, None].float(), size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def timm_available() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plain_graph(explainer: Explainer, x: torch.Tensor) -> object:
@@ -372,6 +497,17 @@ def camcli_command(folder: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "camcli", "explain", str(folder), "-o", str(out), "-q", *extra]
 
 
+def per_image_beyond_startup(runs: dict[str, Callable[[int], list[str]]], small: int, large: int, rounds: int):
+    """Seconds per image of each command beyond its start-up: (best time on `large` images -
+    best on `small`) / (large - small), runs interleaved so that a burst of load hits one
+    round, not one contender."""
+    best = {(label, n): float("inf") for label in runs for n in (small, large)}
+    for _ in range(rounds):
+        for label, n in best:
+            best[label, n] = min(best[label, n], timed(runs[label](n)))
+    return {label: (best[label, large] - best[label, small]) / (large - small) for label in runs}
+
+
 def folder_end_to_end(rounds: int, small: int, large: int) -> None:
     print(f"\n## 3. Folder end to end: per image beyond start-up ({large} - {small} images, 640x480 JPEG)\n")
     work = Path(tempfile.mkdtemp(prefix="camcli-bench-"))
@@ -400,11 +536,7 @@ def folder_end_to_end(rounds: int, small: int, large: int) -> None:
                 str(work / f"in{n}"),
                 str(work / f"out-anchor-{n}"),
             ]
-        best = {(label, n): float("inf") for label in runs for n in (small, large)}
-        for _ in range(rounds):  # interleaved, so a burst of load hits one round, not one contender
-            for label, n in best:
-                best[label, n] = min(best[label, n], timed(runs[label](n)))
-        per_image = {label: (best[label, large] - best[label, small]) / (large - small) for label in runs}
+        per_image = per_image_beyond_startup(runs, small, large, rounds)
 
         torch.manual_seed(0)
         loaded = load_model("resnet50", "none")
@@ -422,6 +554,108 @@ def folder_end_to_end(rounds: int, small: int, large: int) -> None:
             print(row(label, f"{seconds * 1e3:.0f}", f"{seconds / forward_per_image:.2f}", f"{seconds / ours:.2f}"))
         if pytorch_grad_cam is None:
             print("pytorch-grad-cam: not installed (pip install -e '.[bench]')")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- 5 ----------------------------------------------------------------------------------------
+
+PNG_SETTINGS = {  # label: cv2.imencode parameters (names), as the alternatives measured
+    "level 1, adaptive filter (camcli before)": (("IMWRITE_PNG_COMPRESSION", 1),),
+    "level 3, adaptive filter": (("IMWRITE_PNG_COMPRESSION", 3),),
+    **{
+        f"level 1, {f.lower()} filter, {strategy.lower()}": (
+            ("IMWRITE_PNG_COMPRESSION", 1),
+            ("IMWRITE_PNG_FILTER", f"IMWRITE_PNG_FILTER_{f}"),
+            ("IMWRITE_PNG_STRATEGY", f"IMWRITE_PNG_STRATEGY_{strategy}"),
+        )
+        for f in ("SUB", "UP", "PAETH")
+        for strategy in ("DEFAULT", "RLE", "HUFFMAN_ONLY")
+    },
+}
+
+
+def overlay_pictures() -> dict[str, np.ndarray]:
+    """What camcli encodes, at 640x480: Grad-CAM overlays of the photos (Lite0's real maps),
+    a comparison grid and a channels tile grid (flat cells); BGR, as cv2 takes them."""
+    from camcli.render import colorize, comparison_grid, heatmap_at_size, overlay, tile_grid
+
+    loaded = load_model("efficientnet_lite0", None)
+    layer = resolve_layer(loaded.model, "auto", loaded.input, CPU)
+    paths = photos(5)
+    maps = Explainer(loaded.model, layer, parse_methods("gradcam")).explain(
+        sample_batch(paths, loaded.input), TargetSpec()
+    )
+    heat = maps.explanations[0].maps.numpy()
+    pictures = {}
+    for path, h in zip(paths, heat, strict=True):
+        image = cv2.resize(decode_image(path), (640, 480), interpolation=cv2.INTER_AREA)
+        pictures[f"overlay {path.stem}"] = overlay(image, heatmap_at_size(h, 640, 480))
+    image = cv2.resize(decode_image(paths[1]), (640, 480), interpolation=cv2.INTER_AREA)
+    panel = pictures[f"overlay {paths[1].stem}"]
+    pictures["comparison grid"] = comparison_grid(
+        [[(image, "image", "cat"), (panel, "gradcam", "0.91"), (panel, "cam", "")]]
+    )
+    pictures["channel tiles"] = tile_grid(colorize(np.random.default_rng(0).random((64, 7, 7), dtype=np.float32)))
+    return {name: cv2.cvtColor(picture, cv2.COLOR_RGB2BGR) for name, picture in pictures.items()}
+
+
+def overlays(rounds: int, small: int, large: int) -> None:
+    print("\n## 6. Overlays: PNG settings, and three methods vs one end to end\n")
+    from camcli.io import OVERLAY_FORMATS
+
+    pictures = overlay_pictures()
+    params = {
+        label: [getattr(cv2, v) if isinstance(v, str) else v for pair in setting for v in pair]
+        for label, setting in PNG_SETTINGS.items()
+    }
+    params["JPEG quality 92 (--overlay-format jpg, lossy)"] = [cv2.IMWRITE_JPEG_QUALITY, 92]
+    ours = [getattr(cv2, v) if isinstance(v, str) else v for pair in OVERLAY_FORMATS["png"] for v in pair]
+    now = next((label for label, p in params.items() if p == ours), "camcli now")
+    params.setdefault(now, ours)
+    best = {(label, name): float("inf") for label in params for name in pictures}
+    size = {}
+    for _ in range(rounds * 3):  # interleaved; each encode keeps its best time
+        for label, p in params.items():
+            ext = ".jpg" if "JPEG" in label else ".png"
+            for name, picture in pictures.items():
+                start = time.perf_counter()
+                ok, buffer = cv2.imencode(ext, picture, p)
+                best[label, name] = min(best[label, name], time.perf_counter() - start)
+                size[label, name] = len(buffer)
+    photo_names = [n for n in pictures if n.startswith("overlay")]
+    print(
+        f"overlays of {len(photo_names)} photos at 640x480 (Lite0 Grad-CAM maps), a comparison grid, 64 channel tiles"
+    )
+    print(f"camcli's PNG now: {now}\n")
+    print(header("setting", "ms/overlay", "KiB/overlay", "grid ms", "grid KiB", "tiles ms", "tiles KiB"))
+    for label in params:
+        mean_ms = np.mean([best[label, n] for n in photo_names]) * 1e3
+        mean_kib = np.mean([size[label, n] for n in photo_names]) / 1024
+        cells = [f"{mean_ms:.1f}", f"{mean_kib:.0f}"]
+        for other in ("comparison grid", "channel tiles"):
+            cells += [f"{best[label, other] * 1e3:.1f}", f"{size[label, other] / 1024:.0f}"]
+        print(row(label, *cells))
+
+    work = Path(tempfile.mkdtemp(prefix="camcli-bench-"))
+    try:
+        for count in (small, large):
+            make_folder(work / f"in{count}", count)
+        model = ("--model", "resnet50", "--weights", "none", "--overwrite")
+        runs = {
+            f"-m {methods}": lambda n, methods=methods: camcli_command(
+                work / f"in{n}", work / f"out-{methods}-{n}", "-m", methods, *model
+            )
+            for methods in ("gradcam", "cam,gradcam,gradcam++")
+        }
+        per_image = per_image_beyond_startup(runs, small, large, rounds)
+        print(
+            f"\n`camcli explain DIR -m ... --model resnet50 --weights none`, {large} - {small} images, 640x480 JPEG\n"
+        )
+        print(header("methods", "ms/image beyond start-up", "x -m gradcam"))
+        one = per_image["-m gradcam"]
+        for label, seconds in per_image.items():
+            print(row(label, f"{seconds * 1e3:.0f}", f"{seconds / one:.2f}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -445,9 +679,103 @@ def peak_memory(small: int, large: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+# --- 6 ----------------------------------------------------------------------------------------
+
+
+def device_throughput(
+    device: torch.device,
+    rounds: int,
+    size: int = SIZE,
+    batch: int = 32,
+    folder_images: int = 64,
+    models: tuple[str, ...] = ("resnet50", "vit_b_16"),
+    methods: tuple[str, ...] = ("gradcam", "scorecam"),
+) -> None:
+    """Images/s of Grad-CAM and Score-CAM on resnet50 and vit_b_16 (random weights) on
+    `device` in fp32 and bf16, and where a folder run's time goes (decode, model, writes)."""
+    from camcli.engine import stack_to_device
+    from camcli.errors import UsageError
+    from camcli.io import atomic_write, encode_image
+    from camcli.precision import autocast_dtype
+    from camcli.render import heatmap_at_size, overlay
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    print(header("model", "method", "precision", "batch", "images/s"))
+    for name in models:
+        torch.manual_seed(0)
+        loaded = load_model(name, "none")
+        model = loaded.model.to(device).eval()
+        layer = resolve_layer(model, "auto", loaded.input, device)
+        x = torch.randn(batch, 3, size, size, device=device)
+        for precision in ("fp32", "bf16"):
+            try:
+                autocast_dtype(precision, device)
+            except UsageError as refused:
+                print(row(name, "-", precision, "-", f"skipped: {refused}"))
+                continue
+            for method in methods:
+                count = batch if method == "gradcam" else max(1, batch // 8)  # Score-CAM: 1 + K forwards each
+                explainer = Explainer(model, layer, parse_methods(method), chunk_size=256, precision=precision)
+
+                def run(e: Explainer = explainer, inputs: torch.Tensor = x[:count]) -> None:
+                    e.explain(inputs, TargetSpec())
+                    synchronize()
+
+                seconds = best_times({"run": run}, rounds)["run"]
+                print(row(name, method, precision, count, f"{count / seconds:.3g}"))
+
+    # where a folder run's time goes, stage by stage (serial, so the shares add up)
+    torch.manual_seed(0)
+    loaded = load_model("resnet50", "none")
+    model = loaded.model.to(device).eval()
+    explainer = Explainer(model, resolve_layer(model, "auto", loaded.input, device), parse_methods("gradcam"))
+    work = Path(tempfile.mkdtemp(prefix="camcli-bench-"))
+    try:
+        make_folder(work / "in", folder_images)
+        paths = sorted((work / "in").glob("*.jpg"))
+        spent = dict.fromkeys(("decode", "model", "writes"), 0.0)
+        explainer.explain(stack_to_device([preprocess(decode_image(paths[0]), loaded.input)], device), TargetSpec())
+        for start in range(0, len(paths), batch):
+            t0 = time.perf_counter()
+            images = [decode_image(p) for p in paths[start : start + batch]]
+            tensors = [preprocess(image, loaded.input) for image in images]
+            t1 = time.perf_counter()
+            result = explainer.explain(stack_to_device(tensors, device), TargetSpec())
+            maps = result.explanations[0].maps.float().cpu().numpy()
+            t2 = time.perf_counter()
+            for n, (image, heat) in enumerate(zip(images, maps, strict=True)):
+                picture = overlay(image, heatmap_at_size(heat, image.shape[1], image.shape[0]))
+                atomic_write(work / f"{start + n}.png", encode_image(picture))
+            t3 = time.perf_counter()
+            spent["decode"] += t1 - t0
+            spent["model"] += t2 - t1
+            spent["writes"] += t3 - t2
+        total = sum(spent.values())
+        print(f"\nresnet50 Grad-CAM fp32 on {len(paths)} 640x480 JPEGs, batch {batch}, one thread per stage in turn:")
+        print(header("stage", "ms/image", "share"))
+        for stage, seconds in spent.items():
+            print(row(stage, f"{seconds / len(paths) * 1e3:.1f}", f"{seconds / total:.0%}"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def cuda(rounds: int) -> None:
+    print("\n## 7. On a CUDA device: images/s, and the share of decode, model and writes\n")
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA device")
+        return
+    device = torch.device("cuda")
+    print(f"device: {torch.cuda.get_device_name(device)}\n")
+    device_throughput(device, rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="1,2,3,4,5", help="comma list of 1-5")
+    parser.add_argument("--sections", default="1,2,3,4,5,6,7", help="comma list of 1-7")
+    parser.add_argument("--photos", type=int, default=5, help="photos for Score-CAM (section 2)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args()
@@ -465,13 +793,17 @@ def main() -> None:
     if 1 in sections:
         gradient_methods(rounds)
     if 2 in sections:
-        scorecam(rounds, 1 if args.quick else 2)
+        scorecam(1 if args.quick else 2, 1 if args.quick else args.photos)
     if 3 in sections:
         folder_end_to_end(1 if args.quick else 3, 16, 40 if args.quick else 80)
     if 4 in sections:
         peak_memory(20 if args.quick else 100, 200 if args.quick else 1000)
     if 5 in sections:
         fine_layers(3 if args.quick else 10)
+    if 6 in sections:
+        overlays(1 if args.quick else 3, 8 if args.quick else 16, 24 if args.quick else 80)
+    if 7 in sections:
+        cuda(2 if args.quick else 5)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,19 @@ class BatchResult:
     explanations: list[Explanation]
 
 
+def stack_to_device(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Stack a batch of decoded images and move it to `device`. On CUDA the stack is made
+    in pinned (page-locked) host memory and copied with non_blocking=True, so the copy runs
+    by DMA while the host goes on (the next kernels on the stream wait for it, as for any
+    copy); elsewhere it is `torch.stack(...).to(device)`, no copy at all on the CPU."""
+    if device.type != "cuda":
+        return torch.stack(list(tensors)).to(device)
+    first = tensors[0]
+    pinned = torch.empty((len(tensors), *first.shape), dtype=first.dtype, pin_memory=True)
+    torch.stack(list(tensors), out=pinned)
+    return pinned.to(device, non_blocking=True)
+
+
 def normalise(maps: Tensor) -> tuple[Tensor, Tensor]:
     """Per-map min-max to [0, 1]; maps without variation (or not finite) become zeros."""
     values = maps.flatten(1).nan_to_num(0.0, posinf=0.0, neginf=0.0)

@@ -31,6 +31,7 @@ __all__ = [
     "efficientnet_lite0",
     "lite0_weights_path",
     "load_lite0_state_dict",
+    "timm_lite0",
 ]
 
 #: Input side length the weights were trained at (RGB in [0, 1], bicubic resize).
@@ -229,3 +230,19 @@ def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:
     if pretrained:
         model.load_state_dict(load_lite0_state_dict(), strict=True)
     return model.eval()
+
+
+def timm_lite0() -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` (eval mode) holding the packaged weights: the same
+    network as a timm user has it, for comparisons with other libraries (benchmarks, parity
+    tests). The two state dicts list the same tensors in the same order, so they map by
+    position; a shape that differs is an error."""
+    import timm
+
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    names = list(reference.state_dict())
+    tensors = list(load_lite0_state_dict().values())
+    if len(names) != len(tensors):
+        raise ValueError(f"timm's tf_efficientnet_lite0 has {len(names)} tensors, the weights {len(tensors)}")
+    reference.load_state_dict(dict(zip(names, tensors, strict=True)), strict=True)
+    return reference.eval()

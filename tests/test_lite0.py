@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
 from torch import nn
@@ -15,6 +13,7 @@ from camcli.lite0 import (
     EfficientNetLite0,
     efficientnet_lite0,
     load_lite0_state_dict,
+    timm_lite0,
 )
 
 
@@ -55,16 +54,13 @@ def test_any_input_size(model: EfficientNetLite0, size: int) -> None:
 
 
 def test_parity_with_timm(model: EfficientNetLite0, package_state_dict: dict[str, torch.Tensor]) -> None:
-    timm = pytest.importorskip("timm")
-    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    pytest.importorskip("timm")
+    ref = timm_lite0()
     ref_sd = ref.state_dict()
     assert len(ref_sd) == len(package_state_dict) == 296
-    mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for ref_key, (key, tensor) in zip(ref_sd, package_state_dict.items(), strict=True):
-        assert ref_sd[ref_key].shape == tensor.shape, (ref_key, key)
-        mapped[ref_key] = tensor
-    ref.load_state_dict(mapped, strict=True)
-    ref.eval()
+    for (ref_key, ref_tensor), (key, tensor) in zip(ref_sd.items(), package_state_dict.items(), strict=True):
+        assert torch.equal(ref_tensor, tensor), (ref_key, key)
+    assert not ref.training
     model.eval()
 
     gen = torch.Generator().manual_seed(0)

@@ -94,6 +94,53 @@ def test_a_conv_output_read_twice_is_not_folded() -> None:
         assert torch.allclose(fused(inputs), model(inputs), atol=1e-6)
 
 
+class _ActivationAfterSharedConv(nn.Module):
+    """A conv output read by a ReLU and by a residual: the ReLU must not overwrite it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head((self.act(y) + y).mean((2, 3)))
+
+
+def test_an_activation_is_in_place_only_where_it_alone_reads_the_conv_output() -> None:
+    shared = _ActivationAfterSharedConv().eval()
+    copy_shared, _ = inference_copy(shared, torch.randn(2, 3, 16, 16))
+    assert not copy_shared.act.inplace
+    inputs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(copy_shared(inputs), shared(inputs), atol=1e-6)
+    lite0 = load_model().model
+    fused, _ = inference_copy(lite0, torch.randn(2, 3, 64, 64))
+    switched = [m for m in fused.modules() if isinstance(m, nn.ReLU6) and m.inplace]
+    assert len(switched) == 33  # every ReLU6 of Lite0 follows a folded conv
+    assert not any(m.inplace for m in lite0.modules() if isinstance(m, nn.ReLU6))  # the user's model untouched
+
+
+@pytest.mark.parametrize("size", [64, 97, 224])
+def test_static_same_padding_is_built_into_the_copy_where_symmetric(size: int) -> None:
+    """Lite0's stride-1 TF-"SAME" convs become plain convs with their padding built in; the
+    stride-2 ones (padding depends on the size, lopsided at even sizes) stay dynamic."""
+    from camcli.lite0 import Conv2dSame
+
+    model = load_model().model
+    fused, _ = inference_copy(model, torch.randn(2, 3, 64, 64))
+    dynamic = [m for m in fused.modules() if type(m) is Conv2dSame]
+    assert dynamic and all(m.stride == (2, 2) for m in dynamic)
+    assert (
+        sum(isinstance(m, nn.Conv2d) and m.padding != (0, 0) for m in fused.modules()) == 12
+    )  # 16 depthwise, 4 of stride 2
+    inputs = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        want, got = model(inputs), fused(inputs)
+    assert torch.allclose(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-4)
+
+
 def test_scorecam_on_the_fused_copy_equals_the_plain_model() -> None:
     """The engine runs Score-CAM's masked forwards on the fused copy: same map as on the
     model itself (an Explainer whose inference copy is the model)."""

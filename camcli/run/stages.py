@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from camcli import __version__
 from camcli.boxes import box_iou, map_boxes
-from camcli.engine import TargetSpec
+from camcli.engine import TargetSpec, stack_to_device
 from camcli.errors import ImageError, UsageError
 from camcli.io import InputItem, atomic_write, decode_image, encode_image, json_bytes, npy_bytes, read_json
 from camcli.methods.base import GRADIENT, HEATMAP, LABELS, TILES
@@ -163,14 +163,6 @@ def choose_score(choice: str | None, multi_label: bool, binary: bool) -> str:
     return choice
 
 
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The batch on the model's device; through pinned memory and a non-blocking copy on
-    CUDA, so the next batch's decoding overlaps the copy."""
-    if device.type != "cuda":
-        return batch.to(device)
-    return batch.pin_memory().to(device, non_blocking=True)
-
-
 def explain_batch(prepared: Prepared, decoded: Sequence[Decoded]) -> list[Outcome]:
     """One engine pass per group of images that need the same methods (a re-run adds only
     the missing ones); failed decodes pass through as error outcomes, order kept."""
@@ -187,7 +179,7 @@ def explain_batch(prepared: Prepared, decoded: Sequence[Decoded]) -> list[Outcom
 
 def _explain_group(prepared: Prepared, names: tuple[str, ...], good: list[Decoded]) -> list[Outcome]:
     explainer = prepared.explainer_for(names)
-    batch = to_device(torch.stack([d.tensor for d in good]), prepared.device)  # type: ignore[misc]
+    batch = stack_to_device([d.tensor for d in good], prepared.device)  # type: ignore[misc]
     target = prepared.target
     boxes = prepared.boxes
     if boxes is not None:  # a box's class is its image's target
