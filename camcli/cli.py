@@ -254,7 +254,9 @@ def explain(
     # 32: the fastest per input on a 2-core CPU (Lite0, channels_last: 17.2 / 15.4 / 28.3 ms per
     # input at 16 / 32 / 64, benchmarks/RESULTS.md), and ~20 MB of input per chunk at 224 px.
     chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")] = 32,
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Image decoding threads.")] = 2,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Image decoding threads (--engine ray: model actors).")
+    ] = 2,
     max_pixels: Annotated[
         int, typer.Option("--max-pixels", min=1, help="Refuse larger images from their header (decompression bombs).")
     ] = DEFAULT_MAX_PIXELS,
