@@ -91,6 +91,7 @@ class LocalRun:
                         pending.append((outcome, job))
                     job.add_done_callback(written)
                 report()
+            summary.interrupted = stop.is_set()  # also during the last batch: it finished, the user still asked
         report()  # the writer has finished: everything left
         return summary
 
