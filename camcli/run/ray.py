@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from camcli.errors import CamcliError, UsageError
+from camcli.errors import CamcliError, Interrupted, UsageError
 from camcli.io import InputItem, json_text
 from camcli.run.plan import ExplainConfig, Prepared, prepare
 from camcli.run.reporting import Reporter, RunSummary
@@ -172,7 +172,7 @@ def run_on_ray(prepared: Prepared, items: Sequence[InputItem], reporter: Reporte
                 reporter.report_error(message)
             reporter.emit(record)
             reporter.advance(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):  # the CLI's handler raises Interrupted
         summary.interrupted = True
     except Exception as exc:  # an actor's own error (a usage error found on a worker) as one line
         cause = getattr(exc, "cause", None)
