@@ -135,24 +135,18 @@ class LocalRun:
             if outcome is None:  # an earlier run's record
                 summary.skipped += 1
                 reporter.emit(future.result())
+                reporter.advance(1)
             elif error is None:
-                record = future.result()
-                if outcome.error is None:
-                    summary.done += 1
-                else:
-                    summary.failed += 1
-                    summary.errors.append(message := f"{outcome.item.path}: {outcome.error}")
-                    reporter.report_error(message)
-                reporter.emit(record)
-            else:
-                summary.failed += 1
+                failed = None if outcome.error is None else f"{outcome.item.path}: {outcome.error}"
+                summary.ended(reporter, future.result(), failed)
+            else:  # its files are not there: an error record, never done (a full disk said once)
                 message = _write_error(outcome, error, summary)
+                summary.failed += 1
                 if message is not None:
                     summary.errors.append(message)
                     reporter.report_error(message)
-                # its files are not there: reported as an error record, never as done
                 reporter.emit(build_record(self.prepared, Outcome(outcome.item, None, str(error))))
-            reporter.advance(1)
+                reporter.advance(1)
 
 
 def _write_error(outcome: Outcome, error: BaseException, summary: RunSummary) -> str | None:

@@ -164,14 +164,8 @@ def run_on_ray(prepared: Prepared, items: Sequence[InputItem], reporter: Reporte
         )
         for row in explained.iter_rows():
             record = json.loads(row["record"])
-            if row["state"] == "done":
-                summary.done += 1
-            else:
-                summary.failed += 1
-                summary.errors.append(message := f"{record['image']}: {record['error']}")
-                reporter.report_error(message)
-            reporter.emit(record)
-            reporter.advance(1)
+            failed = None if row["state"] == "done" else f"{record['image']}: {record['error']}"
+            summary.ended(reporter, record, failed)
     except (KeyboardInterrupt, Interrupted):  # the CLI's handler raises Interrupted
         summary.interrupted = True
     except Exception as exc:  # an actor's own error (a usage error found on a worker) as one line

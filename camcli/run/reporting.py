@@ -21,6 +21,18 @@ class RunSummary:
     def seen(self) -> int:
         return self.done + self.skipped + self.failed
 
+    def ended(self, reporter: Reporter, record: dict[str, Any], error: str | None) -> None:
+        """One image explained (`error` None) or failed: counted, its error said once on
+        stderr, its record out, the progress advanced; every engine reports through this."""
+        if error is None:
+            self.done += 1
+        else:
+            self.failed += 1
+            self.errors.append(error)
+            reporter.report_error(error)
+        reporter.emit(record)
+        reporter.advance(1)
+
 
 @dataclass
 class Reporter:
