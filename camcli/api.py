@@ -164,14 +164,15 @@ def explain(
     given = _as_list(images)
     rgb = [_as_rgb(image) for image in given]
     results: list[ImageResult] = []
-    for start in range(0, len(rgb), batch_size):
-        decoded = []
-        for i, image in enumerate(rgb[start : start + batch_size]):
-            source = given[start + i]
-            name = str(source) if isinstance(source, (str, os.PathLike)) else f"image{start + i}"
-            decoded.append(Decoded(InputItem(Path(name), name), image, preprocess(image, loaded.input)))
-        for outcome in explain_batch(prepared, decoded):
-            results.append(_result(outcome, loaded, build_record(prepared, outcome)))
+    with prepared.explainer.session():  # the model converted once for all batches, restored after
+        for start in range(0, len(rgb), batch_size):
+            decoded = []
+            for i, image in enumerate(rgb[start : start + batch_size]):
+                source = given[start + i]
+                name = str(source) if isinstance(source, (str, os.PathLike)) else f"image{start + i}"
+                decoded.append(Decoded(InputItem(Path(name), name), image, preprocess(image, loaded.input)))
+            for outcome in explain_batch(prepared, decoded):
+                results.append(_result(outcome, loaded, build_record(prepared, outcome)))
     return results
 
 

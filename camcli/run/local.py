@@ -22,7 +22,16 @@ from camcli.errors import OutputError
 from camcli.io import InputItem
 from camcli.run.plan import Prepared
 from camcli.run.reporting import Reporter, RunSummary
-from camcli.run.stages import Decoded, Outcome, build_record, decode, explain_batch, prior_for, write_outputs
+from camcli.run.stages import (
+    Decoded,
+    Outcome,
+    build_record,
+    decode,
+    explain_batch,
+    prior_for,
+    remove_stale,
+    write_outputs,
+)
 
 # A batch read from a stream (paths on stdin) starts once it is full or this long after
 # its first path arrived, so a slow producer's first image is explained at once.
@@ -108,6 +117,7 @@ class LocalRun:
             exhausted = exhausted or chunk is _END
             submitted = None
             if isinstance(chunk, list):
+                remove_stale(self.prepared, chunk)
                 submitted = [self._plan(item, decoder) for item in chunk]
             if waiting is not None:
                 yield [entry.result() if isinstance(entry, Future) else entry for entry in waiting]

@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,16 @@ from camcli.errors import CamcliError, Interrupted, UsageError
 from camcli.io import InputItem, json_text
 from camcli.run.plan import ExplainConfig, Prepared, prepare
 from camcli.run.reporting import Reporter, RunSummary
-from camcli.run.stages import Decoded, Outcome, build_record, decode, explain_batch, prior_for, write_outputs
+from camcli.run.stages import (
+    Decoded,
+    Outcome,
+    build_record,
+    decode,
+    explain_batch,
+    prior_for,
+    remove_stale,
+    write_outputs,
+)
 
 INSTALL = "pip install 'camcli[ray]'"
 # A decode task's CPU share: decoding (cv2, the GIL released) is lighter than a model actor.
@@ -86,6 +95,10 @@ class ExplainActor:
 
     def __init__(self, config: ExplainConfig, gpus: float) -> None:
         self.prepared = prepare(config, "cuda" if gpus > 0 else "cpu")
+        # the actor's own model stays in the engine's memory format for its whole life
+        # (converting it per batch would copy every weight twice a batch)
+        self._session = ExitStack()
+        self._session.enter_context(self.prepared.explainer.session())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         import torch
@@ -107,8 +120,8 @@ class ExplainActor:
                 )
             )
         records, states = [], []
-        with self.prepared.explainer.session():
-            outcomes = explain_batch(self.prepared, decoded)
+        remove_stale(self.prepared, [d.item for d in decoded])
+        outcomes = explain_batch(self.prepared, decoded)
         for outcome in outcomes:
             try:
                 record = write_outputs(self.prepared, outcome, build_record(self.prepared, outcome))

@@ -28,7 +28,16 @@ from camcli import __version__
 from camcli.boxes import box_iou, map_boxes
 from camcli.engine import TargetSpec, stack_to_device
 from camcli.errors import ImageError, UsageError
-from camcli.io import InputItem, atomic_write, decode_image, encode_image, json_bytes, npy_bytes, read_json
+from camcli.io import (
+    InputItem,
+    atomic_write,
+    decode_image,
+    encode_image,
+    json_bytes,
+    npy_bytes,
+    read_json,
+    remove_stale_temps,
+)
 from camcli.methods.base import GRADIENT, HEATMAP, LABELS, TILES
 from camcli.models import InputSpec
 from camcli.render import (
@@ -406,6 +415,18 @@ def folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def remove_stale(prepared: Prepared, items: Sequence[InputItem]) -> None:
+    """Delete the temporary files a killed run left beside these images' outputs: one
+    listing per output folder, under its lock, so no live writer's file is taken."""
+    folders: dict[Path, list[str]] = {}
+    for item in items:
+        folders.setdefault(json_path(prepared, item).parent, []).append(item.key)
+    for folder, keys in folders.items():
+        if folder.is_dir():
+            with folder_lock(folder):
+                remove_stale_temps(prepared.config.out, keys)
+
+
 def write_outputs(prepared: Prepared, outcome: Outcome, record: dict[str, Any]) -> dict[str, Any]:
     """Render and write one image's files, the JSON last (it marks the image done), and
     return the record as written.
@@ -418,9 +439,6 @@ def write_outputs(prepared: Prepared, outcome: Outcome, record: dict[str, Any]) 
     path = json_path(prepared, outcome.item)
     folder = path.parent
     with folder_lock(folder):
-        from camcli.io import remove_stale_temps
-
-        remove_stale_temps(config.out, [outcome.item.key])  # under the lock: no live writer's
         current = None if config.grid_only else read_json(path)
         kept = _mergeable(prepared, current, outcome)
         if kept is not None and outcome.image is not None:
