@@ -30,7 +30,7 @@ from camcli.io import (
     stream_inputs,
 )
 from camcli.methods import added_by_all, cli_settings, list_methods, method_names, parse_methods
-from camcli.models.spec import DEFAULT_MODEL
+from camcli.models.spec import DEFAULT_MODEL, read_labels
 from camcli.typerlite import defer_coercion, first_paragraph, plain_metavars
 
 if TYPE_CHECKING:
@@ -482,7 +482,8 @@ def _explain(
         if not items:
             raise UsageError(no_images_message(inputs))
     if not streamed and not config.overwrite and not config.grid_only and not view.dry_run:
-        categories = config.known_categories() if config.class_name is not None else None  # for -t NAME
+        # -t NAME by --labels (the zoo's class lists would import torch: else by the earlier records)
+        categories = read_labels(Path(config.labels)) if config.class_name and config.labels else None
         finished = _all_finished(items, config.out, config.request(methods), added_by_all(config.methods), categories)
         if finished is not None:  # nothing to do: the model is not even loaded
             from camcli.run.reporting import RunSummary

@@ -123,7 +123,8 @@ def asked_classes(
 ) -> tuple[int, ...] | None:
     """The classes `request` asks for this image, in order, as far as its earlier record
     tells: the top-1 / top-k from its ``predictions`` (while it holds k), an index as
-    given, a class name by `categories`. None where they are not known without the model."""
+    given, a class name by `categories` (the model's class list), else by the record's own
+    labels where that is safe. None where they are not known without the model."""
     if not added_to(request):
         return None
     predictions = [p.get("index") for p in record.get("predictions", ()) if isinstance(p, dict)]
@@ -134,12 +135,23 @@ def asked_classes(
         return tuple(predictions[:topk]) if isinstance(topk, int) and 1 <= topk <= len(predictions) else None
     if target.lstrip("-").isdigit():
         return (int(target),)
-    if categories is None:
+    if categories is not None:
+        try:
+            return (class_by_name(target, categories),)
+        except UsageError:  # refused where the run parses its target, with the reason
+            return None
+    return _named_in_record(target, record)
+
+
+def _named_in_record(name: str, record: dict[str, Any]) -> tuple[int, ...] | None:
+    """A class name by the labels the record shows, only where that is safe without the
+    class list: the run that wrote it asked for this very name (so it named one class of
+    the model's) and exactly one label in the record is that name, spelled alike."""
+    if record["request"].get("target") != name:
         return None
-    try:
-        return (class_by_name(target, categories),)
-    except UsageError:  # refused where the run parses its target, with the reason
-        return None
+    shown = [*record.get("predictions", ()), *(e.get("target") for e in record.get("explanations", ()))]
+    found = {c.get("index") for c in shown if isinstance(c, dict) and c.get("label") == name}
+    return (found.pop(),) if len(found) == 1 and isinstance(next(iter(found)), int) else None
 
 
 def reusable(path: Path, record: dict[str, Any] | None, request: dict[str, Any], loaded: bool = True) -> bool:
