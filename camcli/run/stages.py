@@ -524,8 +524,10 @@ def _merged(prepared: Prepared, kept: dict[str, Any], record: dict[str, Any], na
         for e in kept.get("explanations", [])
         if isinstance(e, dict) and (e.get("method"), e.get("target", {}).get("index")) not in pairs
     ]
-    methods = list(dict.fromkeys([*kept["request"].get("methods", []), *prepared.request["methods"]]))
-    return dict(record, explanations=explanations + new, request=dict(prepared.request, methods=methods))
+    explanations += new
+    # in the explanations' order, then those without one (-t positive: an image with no positive class)
+    methods = [e["method"] for e in explanations] + kept["request"].get("methods", []) + prepared.request["methods"]
+    return dict(record, explanations=explanations, request=dict(prepared.request, methods=list(dict.fromkeys(methods))))
 
 
 def _picture(config: Any, m: MapResult, meta: dict[str, Any], image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
