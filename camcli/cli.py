@@ -30,7 +30,7 @@ from camcli.io import (
     stream_inputs,
 )
 from camcli.methods import added_by_all, cli_settings, list_methods, method_names, parse_methods
-from camcli.models.spec import DEFAULT_MODEL
+from camcli.models.spec import DEFAULT_MODEL, read_labels
 from camcli.typerlite import defer_coercion, first_paragraph, plain_metavars
 
 if TYPE_CHECKING:
@@ -482,7 +482,9 @@ def _explain(
         if not items:
             raise UsageError(no_images_message(inputs))
     if not streamed and not config.overwrite and not config.grid_only and not view.dry_run:
-        finished = _all_finished(items, config.out, config.request(methods), added_by_all(config.methods))
+        # -t NAME by --labels (the zoo's class lists would import torch: else by the earlier records)
+        categories = read_labels(Path(config.labels)) if config.class_name and config.labels else None
+        finished = _all_finished(items, config.out, config.request(methods), added_by_all(config.methods), categories)
         if finished is not None:  # nothing to do: the model is not even loaded
             from camcli.run.reporting import RunSummary
 
@@ -593,15 +595,16 @@ def _device(name: str) -> Any:
 
 
 def _all_finished(
-    items: list[Any], out: Path, request: dict[str, Any], optional: set[str]
+    items: list[Any], out: Path, request: dict[str, Any], optional: set[str], categories: list[str] | None
 ) -> list[dict[str, Any]] | None:
     """Every image's earlier record if an earlier run finished all of them as asked, else None
-    (`optional`: the methods only `-m all` brought in, which an earlier run may have skipped)."""
+    (`optional`: the methods only `-m all` brought in, which an earlier run may have skipped;
+    `categories`: the class names known before loading, for `-t NAME`)."""
     from camcli.resume import prior_result
 
     records = []
     for item in items:
-        prior = prior_result(out, item, request, loaded=False, optional=optional)
+        prior = prior_result(out, item, request, loaded=False, optional=optional, categories=categories)
         if not prior.finished:
             return None
         records.append(prior.record)

@@ -25,7 +25,6 @@ back; `--smooth eigen` takes the first principal component of w_c A_c instead of
 
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -60,6 +59,7 @@ from camcli.methods.eigengradcam import principal_projection
 from camcli.models import LayerInfo
 from camcli.models.layouts import NCHW_DEFAULT, Layout
 from camcli.models.outputs import OutputKey, logits_model
+from camcli.models.spec import class_by_name
 from camcli.precision import autocast, autocast_dtype
 
 # Activation modules whose backward guided backprop does not define.
@@ -98,6 +98,9 @@ class TargetSpec:
     topk: int = 1
     per_sample: tuple[int | None, ...] | None = None  # a class per sample (None: as above), e.g. a box's
     threshold: float | None = None  # -t positive: every class whose sigmoid reaches it, per sample
+    # each sample's own classes, one per rank (as many for all): a re-run computes only the
+    # classes an image's earlier result lacks, which differ from image to image
+    classes: tuple[tuple[int, ...], ...] | None = None
 
     def resolve(self, logits: Tensor) -> list[Tensor]:
         """One (B,) tensor of class indices per rank, each sample with its own target.
@@ -106,6 +109,13 @@ class TargetSpec:
         by logit; there are as many ranks as the most positives any sample has (at least
         one), and a sample with fewer repeats its first target there: `valid` says which
         (sample, rank) pairs are real, and only those are written."""
+        if self.classes is not None:
+            if len(self.classes) != logits.shape[0] or len({len(c) for c in self.classes}) != 1:
+                raise UsageError(
+                    f"classes {self.classes} for a batch of {logits.shape[0]} images: one tuple each, alike"
+                )
+            given = torch.tensor(self.classes, device=logits.device)
+            return list(given.unbind(1))
         if self.threshold is not None:
             counts = self._positives(logits)
             ranks = max(1, int(counts.max()))
@@ -1156,20 +1166,7 @@ def parse_target(
         if not 0 <= index < num_classes:
             raise OptionError(f"{{target}} {index} is out of range: the model has {num_classes} classes", "target")
         return TargetSpec(index=index)
-    names = list(categories or [])
-    for matches in (
-        [i for i, n in enumerate(names) if n == target],
-        [i for i, n in enumerate(names) if n.lower() == target.lower()],
-    ):
-        if len(matches) == 1:
-            return TargetSpec(index=matches[0])
-        if len(matches) > 1:
-            listed = ", ".join(f"{i} ({names[i]})" for i in matches)
-            raise UsageError(f"class name {target!r} is ambiguous: {listed}; give the index")
-    similar = [n for n in names if target.lower() in n.lower()]
-    similar = similar or difflib.get_close_matches(target, names, n=5, cutoff=0.6)
-    hint = f"; candidates: {', '.join(similar[:8])}" if similar else ""
-    raise UsageError(f"unknown class name {target!r}{hint}")
+    return TargetSpec(index=class_by_name(target, list(categories or [])))
 
 
 def parse_contrast(text: str | None, categories: Sequence[str] | None, num_classes: int) -> Contrast | None:

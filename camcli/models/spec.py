@@ -5,8 +5,10 @@ Kept free of torch so light commands (help, listings) can read it cheaply.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
@@ -124,6 +126,24 @@ def read_labels(path: Path) -> list[str]:
     if not names:
         raise UsageError(f"--labels {path}: no class names")
     return names
+
+
+def class_by_name(name: str, names: Sequence[str]) -> int:
+    """The index of class `name` in `names`: an exact match, else a unique case-insensitive
+    one; ambiguous or unknown refuses (torch-free: a re-run resolves names before loading)."""
+    for matches in (
+        [i for i, n in enumerate(names) if n == name],
+        [i for i, n in enumerate(names) if n.lower() == name.lower()],
+    ):
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            listed = ", ".join(f"{i} ({names[i]})" for i in matches)
+            raise UsageError(f"class name {name!r} is ambiguous: {listed}; give the index")
+    similar = [n for n in names if name.lower() in n.lower()]
+    similar = similar or difflib.get_close_matches(name, list(names), n=5, cutoff=0.6)
+    hint = f"; candidates: {', '.join(similar[:8])}" if similar else ""
+    raise UsageError(f"unknown class name {name!r}{hint}")
 
 
 def check_labels(loaded: LoadedModel, num_classes: int, source: str = "--labels") -> None:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from camcli.methods import Method
     from camcli.metrics import MetricOptions
     from camcli.models import LayerInfo, LoadedModel
-    from camcli.resume import Prior
+    from camcli.resume import Prior, Work
 
 
 @dataclass(frozen=True)
@@ -176,21 +176,33 @@ class ExplainConfig:
 
         return load_boxes(Path(self.boxes))
 
-    def check_target_early(self) -> None:
-        """A class-name target checked before loading, where the class list is known from
-        the zoo's metadata or --labels (otherwise once loaded, still before --out is made)."""
+    @property
+    def class_name(self) -> str | None:
+        """`-t` when it names a class (not top1, positive or an index)."""
         target = self.target
         if target is None or target.lower() in ("top1", "positive") or target.lstrip("-").isdigit():
-            return
+            return None
+        return target
+
+    def known_categories(self) -> list[str] | None:
+        """The class names known before loading: --labels, or the zoo's metadata (None: once loaded)."""
         from camcli.models.spec import read_labels
         from camcli.models.zoo import known_categories
 
-        labels = Path(self.labels) if self.labels is not None else None
-        categories = read_labels(labels) if labels is not None else known_categories(self.model, self.weights)
-        if categories is not None:
-            from camcli.engine import parse_target
+        if self.labels is not None:
+            return read_labels(Path(self.labels))
+        return known_categories(self.model, self.weights)
 
-            parse_target(target, None, categories, len(categories))
+    def check_target_early(self) -> None:
+        """A class-name target checked before loading, where the class list is known from
+        the zoo's metadata or --labels (otherwise once loaded, still before --out is made)."""
+        if self.class_name is None:
+            return
+        categories = self.known_categories()
+        if categories is not None:
+            from camcli.models.spec import class_by_name
+
+            class_by_name(self.class_name, categories)
 
 
 @dataclass
@@ -213,11 +225,6 @@ class Prepared:
     def method_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.explainer.methods)
 
-    @property
-    def topk(self) -> bool:
-        """One file per class (-k, -t positive): the class index is in the file names."""
-        return self.target.topk > 1 or self.target.threshold is not None
-
     def explainer_for(self, names: tuple[str, ...]) -> Explainer:
         """The explainer of a subset of the methods (a re-run adds only what is missing)."""
         if names == self.method_names:
@@ -228,11 +235,14 @@ class Prepared:
             )
         return self._explainers[names]
 
-    def todo(self, prior: Prior | None) -> tuple[str, ...]:
-        """The methods to run for an image: those an earlier, reusable result lacks, or all."""
+    def todo(self, prior: Prior | None) -> tuple[Work, ...]:
+        """What to explain for an image: the (method, class) pairs an earlier, reusable result
+        lacks, or every method for the classes the target finds."""
         if prior is not None and prior.reusable and not self.config.overwrite:
-            return prior.missing
-        return self.method_names
+            return prior.todo
+        from camcli.resume import Work
+
+        return (Work(self.method_names, None),)
 
 
 def prepare(

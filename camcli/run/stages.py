@@ -51,7 +51,7 @@ from camcli.render import (
     overlay,
     tile_grid,
 )
-from camcli.resume import Prior, files_present, output_files, prior_result, same_request
+from camcli.resume import Prior, Work, explanation_stem, output_files, prior_result, reusable, top_class
 
 if TYPE_CHECKING:
     from camcli.engine import BatchResult
@@ -173,25 +173,56 @@ def choose_score(choice: str | None, multi_label: bool, binary: bool) -> str:
 
 
 def explain_batch(prepared: Prepared, decoded: Sequence[Decoded]) -> list[Outcome]:
-    """One engine pass per group of images that need the same methods (a re-run adds only
-    the missing ones); failed decodes pass through as error outcomes, order kept."""
-    groups: dict[tuple[str, ...], list[Decoded]] = {}
+    """The images' missing explanations, one engine pass per group of images that need the
+    same methods for as many classes of their own (a re-run adds only the missing pairs);
+    failed decodes pass through as error outcomes, order kept."""
+    groups: dict[tuple[tuple[str, ...], int | None], list[tuple[Decoded, Work]]] = {}
     for entry in decoded:
         if entry.error is None:
-            groups.setdefault(prepared.todo(entry.prior), []).append(entry)
-    found: dict[int, Outcome] = {}
-    for names, good in groups.items():
-        for entry, outcome in zip(good, _explain_group(prepared, names, good), strict=True):
-            found[id(entry)] = outcome
-    return [found.get(id(entry)) or Outcome(entry.item, None, entry.error, prior=entry.prior) for entry in decoded]
+            # nothing left (another run finished it since it was planned): redone whole, kept consistent
+            for work in prepared.todo(entry.prior) or prepared.todo(None):
+                ranks = None if work.classes is None else len(work.classes)
+                groups.setdefault((work.methods, ranks), []).append((entry, work))
+    parts: dict[int, list[Outcome]] = {}
+    for (names, ranks), members in groups.items():
+        good = [entry for entry, _ in members]
+        classes = None if ranks is None else tuple(work.classes for _, work in members)  # type: ignore[misc]
+        for entry, outcome in zip(good, _explain_group(prepared, names, good, classes), strict=True):
+            parts.setdefault(id(entry), []).append(outcome)
+    return [
+        _joined(prepared, parts[id(entry)])
+        if id(entry) in parts
+        else Outcome(entry.item, None, entry.error, prior=entry.prior)
+        for entry in decoded
+    ]
 
 
-def _explain_group(prepared: Prepared, names: tuple[str, ...], good: list[Decoded]) -> list[Outcome]:
+def _joined(prepared: Prepared, parts: list[Outcome]) -> Outcome:
+    """One image's outcome from its groups' (each other pairs): maps class by class in the
+    asked order, method by method, as a fresh run orders them."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    classes = first.prior.classes if first.prior is not None and first.prior.classes is not None else ()
+    methods = prepared.method_names
+    maps = sorted(
+        (m for part in parts for m in part.maps),
+        key=lambda m: (classes.index(m.target) if m.target in classes else len(classes), methods.index(m.method)),
+    )
+    return Outcome(first.item, first.image, predictions=first.predictions, maps=tuple(maps), prior=first.prior)
+
+
+def _explain_group(
+    prepared: Prepared, names: tuple[str, ...], good: list[Decoded], classes: tuple[tuple[int, ...], ...] | None
+) -> list[Outcome]:
+    """`classes`: each image's own classes (a re-run's missing ones), else the run's target."""
     explainer = prepared.explainer_for(names)
     batch = stack_to_device([d.tensor for d in good], prepared.device)  # type: ignore[misc]
     target = prepared.target
     boxes = prepared.boxes
-    if boxes is not None:  # a box's class is its image's target
+    if classes is not None:
+        target = TargetSpec(classes=classes)
+    elif boxes is not None:  # a box's class is its image's target
         target = TargetSpec(target.index, per_sample=boxes.targets([d.item for d in good]))
     result = explainer.explain(batch, target)
     metrics = None
@@ -321,18 +352,32 @@ def build_record(prepared: Prepared, outcome: Outcome, image: str | None = None)
     record["height"], record["width"] = (int(v) for v in outcome.image.shape[:2])
     record["predictions"] = [{"index": c, "label": loaded.label(c), "score": s} for c, s in outcome.predictions]
     truth = prepared.boxes.lookup(outcome.item) if prepared.boxes is not None else None
+    top1 = outcome.predictions[0][0] if outcome.predictions else None
     for m in outcome.maps:
-        record["explanations"].append(_explanation_json(prepared, m, name, record, truth.boxes if truth else None))
+        meta = _explanation_json(prepared, m, record, truth.boxes if truth else None)
+        record["explanations"].append(meta | _file_names(config, meta, name, top1))
     if config.grid:
         record["grid"] = f"{name}.grid.png"
     return record
 
 
+def _file_names(config: Any, meta: dict[str, Any], name: str, top1: int | None) -> dict[str, str | None]:
+    """An explanation's files, named by its (method, class) and the image's top-1 (`explanation_stem`)."""
+    stem = explanation_stem(name, meta["method"], meta["target"]["index"], top1)
+    names: dict[str, str | None] = {
+        "overlay": f"{stem}.{config.overlay_format}",
+        "heatmap": f"{stem}.npy" if config.save_heatmap else None,
+    }
+    if "raw_heatmap" in meta:
+        names["raw_heatmap"] = f"{stem}.raw.npy"
+    return names
+
+
 def _explanation_json(
-    prepared: Prepared, m: MapResult, name: str, record: dict[str, Any], truth: list[list[int]] | None
+    prepared: Prepared, m: MapResult, record: dict[str, Any], truth: list[list[int]] | None
 ) -> dict[str, Any]:
+    """One explanation's entry, its file names aside (`_file_names`)."""
     config, loaded = prepared.config, prepared.loaded
-    stem = f"{name}.{m.method}" + (f".c{m.target}" if prepared.topk else "")
     target: dict[str, Any] = {"index": m.target, "label": loaded.label(m.target), "score": m.score}
     if prepared.layers[0].binary:  # which sign of the model's one logit was explained
         target["gradient_of"] = "logit" if m.target == 1 else "-logit"
@@ -340,8 +385,8 @@ def _explanation_json(
         "method": m.method,
         "layer": m.layer,
         "target": target,
-        "overlay": f"{stem}.{config.overlay_format}",
-        "heatmap": f"{stem}.npy" if config.save_heatmap else None,
+        "overlay": None,
+        "heatmap": None,
         "warning": "flat map" if m.flat else None,
     }
     if m.metrics is not None:
@@ -356,7 +401,7 @@ def _explanation_json(
             for n in order
         ]
     if config.save_raw and m.raw is not None:
-        meta |= {"raw_heatmap": f"{stem}.raw.npy", "raw_min": float(m.raw.min()), "raw_max": float(m.raw.max())}
+        meta |= {"raw_heatmap": None, "raw_min": float(m.raw.min()), "raw_max": float(m.raw.max())}
     if m.contrast is not None:
         other, other_score = m.contrast
         meta["contrast"] = {"index": other, "label": loaded.label(other), "score": other_score}
@@ -383,12 +428,12 @@ def json_path(prepared: Prepared, item: InputItem) -> Path:
 
 def prior_for(prepared: Prepared, item: InputItem) -> Prior | None:
     """What an earlier run left for `item` (None for `compare`, which keeps nothing);
-    ``.finished``: it has every requested method, so the image is skipped."""
+    ``.finished``: it has every requested (method, class) pair, so the image is skipped."""
     if prepared.config.grid_only:
         return None
-    prior = prior_result(prepared.config.out, item, prepared.request)
+    prior = prior_result(prepared.config.out, item, prepared.request, categories=prepared.loaded.categories)
     if prepared.config.overwrite:
-        return Prior(prior.record, False, prior.missing)
+        return Prior(prior.record, False, prepared.todo(None))
     return prior
 
 
@@ -442,7 +487,7 @@ def write_outputs(prepared: Prepared, outcome: Outcome, record: dict[str, Any]) 
         current = None if config.grid_only else read_json(path)
         kept = _mergeable(prepared, current, outcome)
         if kept is not None and outcome.image is not None:
-            record = _merged(kept, record, prepared.request)
+            record = _merged(prepared, kept, record, Path(outcome.item.key).name)
         for name in sorted(set(output_files(current)) - set(output_files(record))):
             (folder / name).unlink(missing_ok=True)
         try:
@@ -461,22 +506,28 @@ def _mergeable(prepared: Prepared, current: dict[str, Any] | None, outcome: Outc
     """The record on disk if this image's new maps are to be added to it, else None."""
     if current is None or prepared.config.overwrite or prepared.config.grid_only:
         return None
-    if current.get("error") is not None or not isinstance(current.get("request"), dict):
-        return None
-    if not same_request(current["request"], prepared.request) or not files_present(
-        json_path(prepared, outcome.item).parent, current
-    ):
-        return None
-    return current
+    return current if reusable(json_path(prepared, outcome.item), current, prepared.request) else None
 
 
-def _merged(kept: dict[str, Any], record: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    """The earlier record's explanations of methods not computed now, then the new ones."""
-    new = {e["method"] for e in record["explanations"]}
-    done = [m for m in kept["request"].get("methods", []) if m not in new]
-    methods = [*done, *(m for m in request["methods"] if m not in done)]
-    explanations = [e for e in kept.get("explanations", []) if isinstance(e, dict) and e.get("method") not in new]
-    return dict(record, explanations=explanations + record["explanations"], request=dict(request, methods=methods))
+def _merged(prepared: Prepared, kept: dict[str, Any], record: dict[str, Any], name: str) -> dict[str, Any]:
+    """The earlier record's explanations of (method, class) pairs not computed now, then the
+    new ones; its request is this run's, its methods all those explained. File names follow
+    the earlier record's top-1 (the same unless the two runs' logits differ at a near tie)."""
+    top1 = top_class(kept)
+    new = record["explanations"]
+    if top1 != top_class(record):
+        new = [e | _file_names(prepared.config, e, name, top1) for e in new]
+        record = dict(record, predictions=kept["predictions"])
+    pairs = {(e["method"], e["target"]["index"]) for e in new}
+    explanations = [
+        e
+        for e in kept.get("explanations", [])
+        if isinstance(e, dict) and (e.get("method"), e.get("target", {}).get("index")) not in pairs
+    ]
+    explanations += new
+    # in the explanations' order, then those without one (-t positive: an image with no positive class)
+    methods = [e["method"] for e in explanations] + kept["request"].get("methods", []) + prepared.request["methods"]
+    return dict(record, explanations=explanations, request=dict(prepared.request, methods=list(dict.fromkeys(methods))))
 
 
 def _picture(config: Any, m: MapResult, meta: dict[str, Any], image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
