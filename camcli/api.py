@@ -111,7 +111,7 @@ def explain(
     topk: int | None = None,
     device: str = "auto",
     batch_size: int = 8,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     labels: str | Path | Sequence[str] | None = None,
     score: str | None = None,
     threshold: float = 0.5,

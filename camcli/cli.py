@@ -251,9 +251,12 @@ def explain(
     input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Model input side.")] = None,
     mean: Annotated[str | None, typer.Option("--mean", help="Normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
     std: Annotated[str | None, typer.Option("--std", help="Normalisation std, e.g. 0.5,0.5,0.5.")] = None,
-    # 32: the fastest per input on a 2-core CPU (Lite0, channels_last: 17.2 / 15.4 / 28.3 ms per
-    # input at 16 / 32 / 64, benchmarks/RESULTS.md), and ~20 MB of input per chunk at 224 px.
-    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Masked inputs per Score-CAM forward.")] = 32,
+    # None: tuned on the run's first chunks, at most 32 (camcli.chunking): the fastest size per
+    # input depends on the processor's caches, the model and the input size.
+    chunk_size: Annotated[
+        int | None,
+        typer.Option("--chunk-size", min=1, help="Extra inputs per forward (Score-CAM's masks, ...). [default: tuned]"),
+    ] = None,
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Image decoding threads (--engine ray: model actors).")
     ] = 2,
@@ -691,7 +694,9 @@ def evaluate(
     out: Annotated[
         Path, typer.Option("-o", "--out", help="Folder for summary.csv, summary.json and the per-image outputs.")
     ] = Path("camcli-eval"),
-    chunk_size: Annotated[int, typer.Option("--chunk-size", min=1, help="Perturbed inputs per forward.")] = 32,
+    chunk_size: Annotated[
+        int | None, typer.Option("--chunk-size", min=1, help="Perturbed inputs per forward. [default: tuned]")
+    ] = None,
     box_threshold: Annotated[
         float,
         typer.Option("--box-threshold", min=0.0, max=1.0, help="Localisation IoU: map boxes at >= F x the maximum."),

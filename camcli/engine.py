@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 
 from camcli.attention import Transformer, capture_attention, find_transformer
 from camcli.choices import FUSIONS, SMOOTHINGS  # re-exported: --fuse and --smooth choices
+from camcli.chunking import ChunkSizer
 from camcli.errors import MethodNotApplicable, OptionError, UsageError
 from camcli.methods import (
     AttentionContext,
@@ -504,7 +505,7 @@ class Explainer:
         layer: LayerInfo | Sequence[LayerInfo],
         methods: Sequence[Method],
         *,
-        chunk_size: int = 32,
+        chunk_size: int | None = None,
         channels_last: bool = True,
         output_key: OutputKey = None,
         optional: Collection[str] = (),
@@ -514,7 +515,8 @@ class Explainer:
         precision: str = "fp32",
     ) -> None:
         """`optional` names methods (those `-m all` added) that are skipped, with the reason in
-        `skipped`, where they do not apply; any other method that does not apply raises."""
+        `skipped`, where they do not apply; any other method that does not apply raises.
+        `chunk_size` None: the hook-free forwards' chunks are tuned on the run (`camcli.chunking`)."""
         if fuse not in FUSIONS:
             raise UsageError(f"unknown fusion {fuse!r}; use one of {', '.join(FUSIONS)}")
         self.model = model
@@ -535,7 +537,8 @@ class Explainer:
         self.layer = self.layers[0]
         self.layer_name = ",".join(info.name for info in self.layers)
         self.layout = ", ".join(info.layout.describe() for info in self.layers)
-        self.chunk_size = chunk_size
+        self.chunk_sizer = ChunkSizer(chunk_size, self.device)
+        self.chunk_size = self.chunk_sizer.limit  # chunks of forwards with hooks or backwards: fixed
         # channels_last changes only the layout of the 4-D weights and inputs, never a value:
         # oneDNN's convolutions run without reorders, 0.55x (Lite0) to 0.85x (resnet50) the
         # forward time of the default layout on a 2-core CPU (benchmarks/RESULTS.md).
@@ -623,7 +626,7 @@ class Explainer:
             self.model,
             self.layers,
             methods,
-            chunk_size=self.chunk_size,
+            chunk_size=self.chunk_sizer.limit if self.chunk_sizer.fixed else None,
             channels_last=self.memory_format is torch.channels_last,
             output_key=self._output_key,
             fuse=self.fuse,
@@ -633,6 +636,7 @@ class Explainer:
         )
         other._in_session = self._in_session
         other._inference_model = self._inference_model  # the folded copy, once built, is shared
+        other.chunk_sizer = self.chunk_sizer  # and the chunk size found for it
         return other
 
     @contextmanager
@@ -794,6 +798,7 @@ class Explainer:
                         forward_layer=functools.partial(self._forward_replacing, module, model_inputs.detach()),
                         gradients_at=functools.partial(self._layer_gradients, module, info),
                         contrasts=copy_contrasts,
+                        sizer=self.chunk_sizer,
                     )
                     for acts, gradient, head, module, info in zip(
                         activations, layer_gradients, self._heads, self.modules, self.layers, strict=True
@@ -1058,6 +1063,7 @@ class Explainer:
                 forward=forward,
                 chunk_size=self.chunk_size,
                 layer_forward=self._layer_forward,
+                sizer=self.chunk_sizer,
             )
             attributions = method.attribute(ctx)
             layer = self.layer.name if method.reads_layer else None

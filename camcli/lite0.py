@@ -94,13 +94,15 @@ class Conv2dSame(nn.Conv2d):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad to TF "SAME" for this input size, then convolve unpadded."""
+        """Pad to TF "SAME" for this input size, then convolve. Symmetric padding (every
+        stride-1 conv) is the convolution's own: the same zeros without F.pad's copy of the
+        activation, in the forward and again in a backward through it."""
         ih, iw = x.shape[-2:]
         top, bottom = _same_pad(int(ih), self.kernel_size[0], self.stride[0], self.dilation[0])
         left, right = _same_pad(int(iw), self.kernel_size[1], self.stride[1], self.dilation[1])
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
-        return super().forward(x)
+        if top == bottom and left == right:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+        return super().forward(F.pad(x, (left, right, top, bottom)))
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:

@@ -17,7 +17,7 @@ This module imports no torch at run time, so `camcli --help` and `camcli methods
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -26,6 +26,7 @@ from camcli.errors import UsageError
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from camcli.chunking import ChunkSizer
     from camcli.models.spec import InputSpec
 
 
@@ -130,8 +131,23 @@ def settings_of(cls: type[Method]) -> dict[str, Setting]:
     return {s.name: s for s in cls.settings}
 
 
+class _ChunkedForwards:
+    """`chunks(items)`: the rows of `items`, one per extra input, in the chunks that one
+    `forward` takes: sized by the run's `sizer` (tuned on the run, `camcli.chunking`), or by
+    `chunk_size` where the context has no sizer."""
+
+    inputs: Tensor
+    chunk_size: int
+    sizer: ChunkSizer | None
+
+    def chunks(self, items: Tensor) -> Iterator[Tensor]:
+        if self.sizer is None:
+            return iter(items.split(self.chunk_size))
+        return self.sizer.split(items, key=tuple(self.inputs.shape[1:]))
+
+
 @dataclass(frozen=True)
-class CamContext:
+class CamContext(_ChunkedForwards):
     """Everything a CAM-family method may read for one batch and one target rank."""
 
     activations: Tensor  # (B, C, h, w) captured at the target layer, detached
@@ -147,6 +163,7 @@ class CamContext:
     # this layer's activations and d(logit of targets)/d(activations) for extra inputs (N, 3, H, W)
     gradients_at: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None  # (inputs, targets)
     contrasts: Tensor | None = None  # (B,) with --contrast: the class each target is set against
+    sizer: ChunkSizer | None = None  # sizes the chunks of `forward`'s extra inputs (`chunks`)
 
 
 # What a method's result is, said once where the method is defined: the writer, the
@@ -256,7 +273,7 @@ class GradientContext:
 
 
 @dataclass(frozen=True)
-class ModelContext:
+class ModelContext(_ChunkedForwards):
     """What a perturbation method may read for one batch: the model as a function."""
 
     inputs: Tensor  # (B, 3, H, W) normalised model input
@@ -265,6 +282,7 @@ class ModelContext:
     forward: Callable[[Tensor], Tensor]  # batched logits of extra inputs (no grad)
     chunk_size: int  # how many extra inputs one forward may take
     layer_forward: Callable[[Tensor], Tensor] | None = None  # the target layer's (B, C, h, w) for extra inputs
+    sizer: ChunkSizer | None = None  # sizes the chunks of `forward`'s extra inputs (`chunks`)
 
 
 class PerturbationMethod(Method):

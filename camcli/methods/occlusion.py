@@ -158,7 +158,7 @@ class Occlusion(PerturbationMethod):
                 clean = measure(inputs, torch.arange(batch, device=inputs.device))  # (B, 1)
         occluded = torch.empty(batch * positions, clean.shape[1], device=inputs.device, dtype=clean.dtype)
         with torch.inference_mode():
-            for chunk in torch.arange(batch * positions, device=inputs.device).split(ctx.chunk_size):
+            for chunk in ctx.chunks(torch.arange(batch * positions, device=inputs.device)):
                 b, p = chunk // positions, chunk % positions
                 hidden = masks[p].unsqueeze(1)
                 occluded[chunk] = measure(torch.where(hidden, base[b], inputs[b]), b)

@@ -88,7 +88,7 @@ class RISE(PerturbationMethod):
         targets = ctx.targets.T  # (B, R)
         total = torch.zeros(targets.shape[1], batch, height * width, device=inputs.device)
         with torch.inference_mode():
-            for chunk in torch.arange(batch * self.masks, device=inputs.device).split(ctx.chunk_size):
+            for chunk in ctx.chunks(torch.arange(batch * self.masks, device=inputs.device)):
                 b, m = chunk // self.masks, chunk % self.masks
                 masks = make_masks(grids[m], shifts[m], height, width)  # (n, H, W)
                 probs = ctx.forward(inputs[b] * masks[:, None].to(inputs.dtype)).float().softmax(-1)

@@ -65,7 +65,7 @@ class ScoreCAM(CamMethod):
         weights = torch.zeros(batch, channels, device=acts.device, dtype=torch.float32)
         pairs = live.nonzero()  # (N, 2) rows of (sample, channel)
         with torch.inference_mode():
-            for chunk in pairs.split(ctx.chunk_size):
+            for chunk in ctx.chunks(pairs):
                 b, c = chunk.unbind(1)
                 masks = F.interpolate(
                     acts[b, c].unsqueeze(1).float(), size=size, mode="bilinear", align_corners=self.align_corners

@@ -43,7 +43,7 @@ def score_masks(ctx: CamContext, draws: int, mask_of: Callable[[int, Tensor], Te
     pairs = torch.arange(batch * channels, device=acts.device)
     with torch.inference_mode():
         for draw in range(draws):
-            for chunk in pairs.split(ctx.chunk_size):
+            for chunk in ctx.chunks(pairs):
                 b, c = chunk // channels, chunk % channels
                 up = F.interpolate(normalised[b, c][:, None], size=ctx.inputs.shape[-2:], mode="bilinear")
                 logits = ctx.forward(mask_of(draw, up) * ctx.inputs[b]).float()

@@ -57,7 +57,7 @@ class ExplainConfig:
     contrast: str | None = None
     smooth: str | None = None
     precision: str = "fp32"
-    chunk_size: int = 32  # 32: fastest per input on a 2-core CPU (benchmarks/RESULTS.md)
+    chunk_size: int | None = None  # extra inputs per forward; None: tuned on the run (camcli.chunking)
     # scores of each map
     metrics: bool = False
     boxes: str | None = None  # a JSON of boxes per image (implies metrics)
@@ -165,9 +165,11 @@ class ExplainConfig:
     def metric_options(self) -> MetricOptions | None:
         if not self.scores_maps:
             return None
+        from camcli.chunking import DEFAULT_LIMIT
         from camcli.metrics import MetricOptions
 
-        return MetricOptions(steps=self.steps, substrate=self.substrate, chunk_size=self.chunk_size, road=self.road)
+        chunk_size = DEFAULT_LIMIT if self.chunk_size is None else self.chunk_size
+        return MetricOptions(steps=self.steps, substrate=self.substrate, chunk_size=chunk_size, road=self.road)
 
     def box_index(self) -> BoxIndex | None:
         if self.boxes is None:
