@@ -53,6 +53,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from camcli.allocator import reuse_freed_memory  # noqa: E402
 from camcli.engine import Explainer, TargetSpec  # noqa: E402
 from camcli.errors import UsageError  # noqa: E402
 from camcli.io import decode_image  # noqa: E402
@@ -817,6 +818,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and images (a smoke run)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    # as in camcli's own processes (the CLI, the Ray actors); the anchors measured in this
+    # process get the same allocator, so their times here are, if anything, too good
+    reused = reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = {int(s) for s in args.sections.split(",")}
@@ -828,6 +832,7 @@ def main() -> None:
         f"grad-cam {anchor_version('grad-cam')}, torchcam {anchor_version('torchcam')}"
     )
     print(f"command: python benchmarks/bench.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"freed memory kept for reuse (camcli.allocator, as the CLI): {'yes' if reused else 'no (not glibc)'}")
     if 1 in sections:
         gradient_methods(rounds)
     if 2 in sections:

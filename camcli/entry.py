@@ -21,6 +21,9 @@ def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not under nohup (SIG_IGN)
         signal.signal(signal.SIGINT, _interrupt)
     try:
+        from camcli.allocator import reuse_freed_memory
+
+        reuse_freed_memory()  # before torch allocates anything: this process is camcli's
         from camcli.cli import app
 
         app()

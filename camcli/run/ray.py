@@ -94,6 +94,9 @@ class ExplainActor:
     records (as JSON text: a column of plain strings) and how each image ended."""
 
     def __init__(self, config: ExplainConfig, gpus: float) -> None:
+        from camcli.allocator import reuse_freed_memory
+
+        reuse_freed_memory()  # the actor's process serves camcli alone (camcli.allocator)
         self.prepared = prepare(config, "cuda" if gpus > 0 else "cpu")
         # the actor's own model stays in the engine's memory format for its whole life
         # (converting it per batch would copy every weight twice a batch)
