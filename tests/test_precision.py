@@ -248,3 +248,34 @@ def test_explainer_leaves_the_model_as_it_was() -> None:
     assert all(ka == kb and torch.equal(a, b) for (ka, a), (kb, b) in pairs)
     norms = [type(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) == 20  # none folded away in the user's own model
+
+
+def test_metrics_run_on_the_fused_copy_and_equal_the_models(samples_dir) -> None:
+    """--metrics' deletion/insertion forwards need logits only: they run on the inference
+    copy (the user's model sees just the explain pass's forward) and give its scores."""
+    from camcli import explain
+    from camcli.metrics import MetricOptions, evaluate_batch
+
+    loaded = load_model("resnet18", "none", input_size=64)
+    _random_norms(loaded.model)
+    calls: dict[bool, list[nn.Module]] = {False: [], True: []}
+    for metrics in calls:
+        hook = loaded.model.register_forward_hook(lambda module, *_, m=metrics: calls[m].append(module))
+        try:
+            (result,) = explain(samples_dir / "skimage_coffee.png", "gradcam", model=loaded, metrics=metrics, steps=5)
+        finally:
+            hook.remove()
+    on_model = {metrics: [m for m in modules if m is loaded.model] for metrics, modules in calls.items()}
+    assert len(on_model[True]) == len(on_model[False])  # no curve's forward on the model itself
+    assert len(calls[True]) > len(calls[False])  # ... but on its copy (a deep copy keeps the hook)
+    got = result.explanations[0].metrics
+    image = np.array(Image.open(samples_dir / "skimage_coffee.png").convert("RGB"))
+    inputs = preprocess(image, loaded.input)[None]
+    explanation = Explainer(
+        loaded.model, resolve_layer(loaded.model, "auto", loaded.input, CPU), parse_methods("gradcam")
+    )
+    explained = explanation.explain(inputs, TargetSpec()).explanations[0]
+    options = MetricOptions(steps=5, substrate="zero", chunk_size=32, road=False)
+    (want,) = evaluate_batch(loaded.model, inputs, [explained], [image.shape[:2]], None, options)
+    for name in ("deletion_auc", "insertion_auc", "average_drop"):
+        assert got[name] == pytest.approx(float(want[name][0]), abs=1e-4), name

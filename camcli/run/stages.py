@@ -233,7 +233,10 @@ def _explain_group(
         found = [boxes.lookup(d.item) for d in good] if boxes is not None else None
         per_image = [b.boxes if b is not None else None for b in found] if found is not None else None
         scored = [e for e in result.explanations if e.kind in (HEATMAP, GRADIENT)]
-        values = iter(evaluate_batch(explainer.net, batch, scored, sizes, per_image, prepared.metrics, result.logits))
+        # the curves need logits only: the folded inference copy, never the user's model object
+        copy = explainer.inference_model(batch)
+        inputs = batch.contiguous(memory_format=explainer.memory_format)
+        values = iter(evaluate_batch(copy, inputs, scored, sizes, per_image, prepared.metrics, result.logits))
         metrics = [next(values) if e.kind in (HEATMAP, GRADIENT) else None for e in result.explanations]
     return _outcomes(result, metrics, prepared.score, good)
 
