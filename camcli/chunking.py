@@ -2,10 +2,12 @@
 occlusion, SS-CAM, IS-CAM).
 
 The time per input of a forward is not flat in the batch. On a CPU it rises once a
-layer's activations outgrow the caches: EfficientNet-Lite0's inference copy on a 2-core
-AVX2 machine costs 10 ms per input at 4, 11.5 at 8 and 17 at 32, while on a machine with
-larger caches 16 was best (benchmarks/RESULTS.md). On a GPU it falls until the device is
-full. No fixed chunk suits every machine, model and input size, so unless the user fixes
+batch's activations outgrow the caches or, with glibc's default allocator, the 32 MiB above
+which every block is mapped and faulted in afresh (`camcli.allocator`): EfficientNet-Lite0's
+inference copy on a 2-core AVX2 VM cost 10 ms per input at 4, 11.5 at 8 and 17 at 32 in a
+process with the default allocator, about 9-10 ms at every size in camcli's own; on an
+AVX512 machine 16 was best (benchmarks/RESULTS.md). On a GPU it falls until the device is
+full. No fixed chunk suits every machine, process, model and input size, so unless the user fixes
 `--chunk-size`, a `ChunkSizer` times the run's first real chunks at growing sizes and keeps
 the fastest per input: the calibration is work the method had to do anyway, no extra
 forward. Each input's forward is independent of its batch-mates, so the maps are the same
