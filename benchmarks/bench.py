@@ -10,9 +10,9 @@ pytorch-grad-cam, measured in one run on one machine (ratios; absolute times for
 2. Score-CAM on Lite0, photo by photo (samples/ and benchmarks/data): camcli fp32 and bf16
    (where the CPU has it) per image / the time of (1 + K non-constant channels) forwards of its
    inference copy at the best batch, run back to back as a contender (and / K times the best
-   burst's time per input, which flatters the limit), and against pytorch-grad-cam's ScoreCAM as a user runs it (default batch 16, timm's
-   tf_efficientnet_lite0 holding the same weights) and as the earlier bench ran it (on camcli's
-   own Lite0), with the Pearson of the maps;
+   burst's time per input, which flatters the limit), and against pytorch-grad-cam's ScoreCAM
+   as a user runs it (default batch 16, timm's tf_efficientnet_lite0 holding the same weights)
+   and as the earlier bench ran it (on camcli's own Lite0), with the Pearson of the maps;
 3. a folder end to end (`camcli explain DIR -m gradcam --model resnet50 --weights none`),
    per image beyond start-up, against forward-only and a plain pytorch-grad-cam loop;
 4. peak RSS of `camcli explain` on 100 vs 1,000 images;

@@ -26,17 +26,21 @@ if TYPE_CHECKING:
 
 DEFAULT_LIMIT = 32  # the largest chunk tried unless --chunk-size says otherwise: ~20 MB of input at 224 px
 SMALLEST = 4
-TIMINGS_PER_SIZE = 2  # the first chunk of a new size also pays for its kernels' set-up; the best counts
-WORSE = 1.1  # a size this much slower per input than the best so far ends the search (larger ones are worse still)
+# The first chunk of a new size also pays for its kernels' set-up, and a shared machine adds
+# bursts of noise (10-20 % here): the best of three counts.
+TIMINGS_PER_SIZE = 3
+# A size this much slower per input than the best so far ends the search: a cliff (the caches
+# or the allocator outgrown), not noise, and larger sizes are worse still.
+CLIFF = 1.5
 
 
 class ChunkSizer:
     """Splits work into chunks whose size is tuned on the run's own chunks, or fixed.
 
     Sizes are tried from `SMALLEST` upwards in powers of two up to `limit`, each for
-    `TIMINGS_PER_SIZE` full chunks; the search ends at the first size clearly slower per
-    input than the best so far, or at `limit`, and the best size is kept for the rest of
-    the run (per input shape: the sizer serves one model)."""
+    `TIMINGS_PER_SIZE` full chunks; the search ends at `limit`, or early at a size `CLIFF`
+    times slower per input than the best so far, and the size with the least time per input
+    is kept for the rest of the run (per input shape: the sizer serves one model)."""
 
     def __init__(self, limit: int | None = None, device: torch.device | None = None) -> None:
         """`limit` None: tuned, at most `DEFAULT_LIMIT`; a number: every chunk that size (--chunk-size)."""
@@ -85,7 +89,7 @@ class ChunkSizer:
         if counts[size] < TIMINGS_PER_SIZE:
             return
         best = min(seen, key=seen.__getitem__)
-        if seen[size] > WORSE * seen[best] or size >= self.limit:
+        if seen[size] > CLIFF * seen[best] or size >= self.limit:
             self._chosen[key] = best
 
     def _clock(self) -> float:

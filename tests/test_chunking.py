@@ -38,17 +38,24 @@ class VirtualClock(ChunkSizer):
         return [len(c) for c in seen]
 
 
-CACHE_CLIFF = {4: 11.0, 8: 10.0, 16: 14.0, 32: 17.0}  # a CPU: best at 8 (ms per input)
+CACHE_CLIFF = {4: 11.0, 8: 10.0, 16: 14.0, 32: 17.0}  # a CPU, default allocator: best at 8 (ms per input)
+STEEP = {4: 10.0, 8: 16.0, 16: 30.0, 32: 60.0}  # past a cliff at 8: larger sizes are not worth a try
 FILLS_UP = {4: 8.0, 8: 4.0, 16: 2.0, 32: 1.0}  # a GPU: the bigger the better
 
 
-def test_search_keeps_the_fastest_size_and_stops_at_the_first_clearly_slower() -> None:
+def test_search_keeps_the_size_with_the_least_time_per_input() -> None:
     sizer = VirtualClock(CACHE_CLIFF)
-    sizes = sizer.run(200)
-    assert sizes[:6] == [4, 4, 8, 8, 16, 16]  # two timings per size, growing
-    assert 32 not in sizes  # 16 was already slower than 8: larger sizes are not tried
-    assert set(sizes[6:-1]) == {8} and sizer.chosen() == 8
+    sizes = sizer.run(300)
+    assert sizes[:12] == [4] * 3 + [8] * 3 + [16] * 3 + [32] * 3  # three timings per size, growing
+    assert set(sizes[12:-1]) == {8} and sizer.chosen() == 8
     assert sizer.run(40) == [8] * 5  # kept for the rest of the run
+
+
+def test_search_stops_at_a_cliff() -> None:
+    sizer = VirtualClock(STEEP)
+    sizes = sizer.run(100)
+    assert sizes[:6] == [4] * 3 + [8] * 3 and 16 not in sizes  # 8 is 1.6x slower than 4: a cliff
+    assert sizer.chosen() == 4
 
 
 def test_search_goes_up_to_the_limit_while_larger_is_faster() -> None:
@@ -57,7 +64,7 @@ def test_search_goes_up_to_the_limit_while_larger_is_faster() -> None:
     assert sizer.chosen() == DEFAULT_LIMIT
     limited = VirtualClock(FILLS_UP, limit=None)
     limited.limit = 12  # not a power of two: 4, 8, then 12
-    assert limited.run(60)[:6] == [4, 4, 8, 8, 12, 12] and limited.chosen() == 12
+    assert limited.run(90)[:9] == [4] * 3 + [8] * 3 + [12] * 3 and limited.chosen() == 12
 
 
 def test_a_fixed_chunk_size_is_obeyed_and_never_searched() -> None:
@@ -70,7 +77,8 @@ def test_short_runs_and_partial_chunks_do_not_decide() -> None:
     sizer = VirtualClock(CACHE_CLIFF)
     assert sizer.run(3) == [3]  # fewer items than the smallest size: one partial chunk, not timed
     assert sizer.run(10) == [4, 4, 2]  # the partial one is not counted as a timing of 4
-    assert sizer.chosen() is None
+    assert sizer.run(5) == [4, 1]  # the third timing of 4: the search goes on at 8
+    assert sizer.run(8) == [8] and sizer.chosen() is None
     assert sizer.run(0) == []
 
 
@@ -79,7 +87,7 @@ def test_each_input_shape_is_searched_on_its_own() -> None:
     sizer.run(200, key=(3, 224, 224))
     assert sizer.chosen((3, 224, 224)) == 8
     assert sizer.chosen((3, 320, 320)) is None
-    assert sizer.run(8, key=(3, 320, 320)) == [4, 4]
+    assert sizer.run(8, key=(3, 320, 320)) == [4, 4]  # from the start
 
 
 @pytest.fixture(scope="module")
