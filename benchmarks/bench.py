@@ -318,12 +318,9 @@ def scorecam(rounds: int, images: int) -> None:
     # the batch one burst of forwards finds fastest, interleaved with the contenders. A best
     # short burst times the machine at its quietest moment, a sustained run of seconds does
     # not, so K times the burst's time per input (also printed) flatters the limit.
-    burst = {}
-    for name, forward in limit_forwards.items():
-        forward()  # warm-up
-        start = time.perf_counter()
-        forward()
-        burst[name] = (time.perf_counter() - start) / int(name.rsplit("@", 1)[1])
+    # Its batch: the best per input over three interleaved rounds of bursts (one burst each
+    # picked a batch 20 % slower than the best on this noisy machine).
+    burst = {k: v / int(k.rsplit("@", 1)[1]) for k, v in best_times(limit_forwards, 3).items()}
     for p in precisions:
         net_label = f"camcli copy {p} (channels_last)"
         batch = min(batches, key=lambda b, n=net_label: burst[f"{n} @ {b}"])
