@@ -234,9 +234,9 @@ def _explain_group(
         per_image = [b.boxes if b is not None else None for b in found] if found is not None else None
         scored = [e for e in result.explanations if e.kind in (HEATMAP, GRADIENT)]
         # the curves need logits only: the folded inference copy, never the user's model object
-        copy = explainer.inference_model(batch)
+        folded = explainer.inference_model(batch)
         inputs = batch.contiguous(memory_format=explainer.memory_format)
-        values = iter(evaluate_batch(copy, inputs, scored, sizes, per_image, prepared.metrics, result.logits))
+        values = iter(evaluate_batch(folded, inputs, scored, sizes, per_image, prepared.metrics, result.logits))
         metrics = [next(values) if e.kind in (HEATMAP, GRADIENT) else None for e in result.explanations]
     return _outcomes(result, metrics, prepared.score, good)
 
