@@ -133,6 +133,28 @@ def test_fine_finds_the_stage_of_twice_the_resolution(model: str, auto: str, par
     assert [i.name for i in resolve_layers(loaded.model, f"fine,{auto},auto", loaded.input, CPU)] == [partner, auto]
 
 
+@pytest.mark.parametrize(
+    ("model", "auto", "partner"), [("efficientnet_lite0", "_head_act", "_blocks.10"), ("resnet18", "layer4", "layer3")]
+)
+def test_fine_at_an_input_size_whose_stages_round_up(model: str, auto: str, partner: str) -> None:
+    """At 80 px the stride-16 stage is 5x5 and the last one ceil(5 / 2) = 3x3 (Lite0 at 240 px:
+    15 and 8): the finer stage is 2n - 1, not 2n, and fine must still find it."""
+    loaded = load_model(model, None if model == "efficientnet_lite0" else "none", input_size=80)
+    fine = resolve_fine(loaded.model, loaded.input, CPU)
+    assert (fine.auto, fine.partner, fine.reason) == (auto, partner, None)
+    grids = dict(grid_sequence(trace_forward(loaded.model, loaded.input, CPU), dict(loaded.model.named_modules())))
+    assert grids[partner] == (5, 5) and grids[auto] == (3, 3)
+
+
+def test_fine_accepts_a_side_halved_either_way_and_nothing_else() -> None:
+    # 2x2 patch merging floors (7 -> 3), "SAME" rounds up (15 -> 8); each axis on its own
+    assert find_fine_partner([("s3", (7, 16)), ("s4", (3, 8))], "s4") == ("s3", None)
+    assert find_fine_partner([("s3", (15, 20)), ("s4", (8, 10))], "s4") == ("s3", None)
+    for far in [(18, 20), (14, 10), (9, 10)]:  # 2n + 2, the same side, and a stage of 1.1x
+        partner, reason = find_fine_partner([("s3", far), ("s4", (8, 10))], "s4")
+        assert partner is None and "16x20 grid" in reason, far
+
+
 def test_fine_on_swin_stages_read_as_nhwc() -> None:
     """timm's Swin stages output (B, H, W, C); read that way, the finder picks the third stage
     (PatchMerging at the start of stage 4 belongs to the 7x7 stage)."""

@@ -351,8 +351,13 @@ def grid_sequence(
 def find_fine_partner(
     grids: list[tuple[str, tuple[int, int]]], auto: str, containers: frozenset[str] = frozenset()
 ) -> tuple[str | None, str | None]:
-    """The last module, in execution order before `auto`, whose output grid is exactly twice
-    `auto`'s: a stage output, not a tensor inside the block that halves the grid.
+    """The last module, in execution order before `auto`, whose output grid is twice `auto`'s:
+    a stage output, not a tensor inside the block that halves the grid.
+
+    Twice per axis means 2n - 1, 2n or 2n + 1 for an auto grid of n: a stride-2 stage maps an
+    odd side to its half rounded up ("SAME" and padded 3x3 convolutions: 15 -> 8, Lite0 at
+    240 px) or down (2x2 patch merging, unpadded pooling), so at most input sizes the finer
+    stage is not exactly 2n.
 
     A module counts only if no enclosing module (a dotted-name prefix that is not also an
     enclosing module of `auto`) outputs another grid: inside ResNet's ``layer4.0`` or Lite0's
@@ -366,7 +371,10 @@ def find_fine_partner(
     if not seen:
         return None, f"the auto layer {auto!r} has no spatial grid"
     end, _, (height, width) = seen[-1]
-    wanted = (2 * height, 2 * width)
+
+    def twice(grid: tuple[int, int]) -> bool:
+        return abs(grid[0] - 2 * height) <= 1 and abs(grid[1] - 2 * width) <= 1
+
     grid_of = {name: grid for name, grid in grids}
     auto_parents = {auto.rsplit(".", i)[0] for i in range(1, auto.count(".") + 1)} | {auto}
 
@@ -377,9 +385,9 @@ def find_fine_partner(
     candidates = [
         name
         for name, grid in grids[:end]
-        if grid == wanted
+        if twice(grid)
         and all(
-            grid_of.get(parent, wanted) == wanted
+            grid_of.get(parent, grid) == grid
             for parent in enclosing(name)
             if parent not in auto_parents and not (parent in containers and name.rsplit(".", 1)[0] == parent)
         )
@@ -393,7 +401,10 @@ def find_fine_partner(
             f"every block outputs the same {height}x{width} grid (a plain vision transformer or an "
             "isotropic network): there is no finer stage, so fine = auto"
         )
-    return None, f"no stage outputs a {wanted[0]}x{wanted[1]} grid before {auto!r}, so fine = auto"
+    return None, (
+        f"no stage outputs a {2 * height}x{2 * width} grid (give or take one cell per side) before {auto!r}, "
+        "so fine = auto"
+    )
 
 
 def resolve_fine(
