@@ -34,12 +34,12 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             raise UsageError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use fp16")
         return dtype
     if device.type == "cpu":
-        if dtype is torch.bfloat16 and not (
-            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        ):
+        has_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        if dtype is torch.bfloat16 and not has_bf16:
             raise UsageError("precision bf16 on the CPU needs AVX512-BF16 or AMX, which this processor lacks; use fp32")
         if dtype is torch.float16 and not torch.cpu._is_amx_fp16_supported():
-            raise UsageError("precision fp16 on the CPU needs AMX-FP16, which this processor lacks; use bf16 or fp32")
+            instead = "bf16 or fp32" if has_bf16 else "fp32"  # only what this processor can run
+            raise UsageError(f"precision fp16 on the CPU needs AMX-FP16, which this processor lacks; use {instead}")
         return dtype
     if device.type == "mps" and dtype is torch.float16:
         return dtype

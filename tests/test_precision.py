@@ -215,8 +215,13 @@ def test_unknown_or_unsupported_precision_is_refused() -> None:
     with pytest.raises(UsageError, match="unknown precision"):
         autocast_dtype("int8", CPU)
     if not torch.cpu._is_amx_fp16_supported():
-        with pytest.raises(UsageError, match="AMX-FP16"):
+        with pytest.raises(UsageError, match="AMX-FP16") as refused:
             autocast_dtype("fp16", CPU)
+        try:  # the refusal offers only what this processor runs
+            autocast_dtype("bf16", CPU)
+            assert "use bf16 or fp32" in str(refused.value)
+        except UsageError:
+            assert str(refused.value).endswith("use fp32")
 
 
 def test_cli_records_the_precision_and_refuses_before_writing(tmp_path, samples_dir) -> None:
