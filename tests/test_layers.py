@@ -185,6 +185,20 @@ def test_named_layer_that_is_not_a_feature_map() -> None:
         resolve_layer(resnet.model, "fc", resnet.input, CPU)
 
 
+def test_a_model_of_fixed_input_size_refuses_another_in_one_line(tmp_path, samples_dir) -> None:
+    """torchvision's ViT asserts its image size: at --input-size 96 the traced forward fails,
+    and the user gets one line with the model's own reason and exit 2, not a traceback."""
+    from typer.testing import CliRunner
+
+    from camcli.cli import app
+
+    args = ["explain", str(samples_dir / "skimage_coffee.png"), "--model", "vit_b_16", "--weights", "none"]
+    result = CliRunner().invoke(app, [*args, "--input-size", "96", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "cannot run a 3x96x96 input (AssertionError: Wrong image height! Expected 224 but got 96!)" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
 # --- 4: the model x method table ----------------------------------------------------------------
 
 

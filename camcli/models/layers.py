@@ -108,6 +108,12 @@ def trace_forward(
         model.eval()
         with torch.enable_grad():
             output = model(probe)
+    except Exception as exc:  # the model's own refusal (a fixed input size, a channel count): one line
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise UsageError(
+            f"the model cannot run a {spec.channels}x{spec.size}x{spec.size} input "
+            f"({type(exc).__name__}: {reason}); models with a fixed input size take no other --input-size"
+        ) from exc
     finally:
         for handle in handles:
             handle.remove()
