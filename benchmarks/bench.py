@@ -17,7 +17,8 @@ pytorch-grad-cam, measured in one run on one machine (ratios; absolute times for
    per image beyond start-up, against forward-only and a plain pytorch-grad-cam loop;
 4. peak RSS of `camcli explain` on 100 vs 1,000 images;
 5. `--layer fine` (the auto layer fused with the last stage at twice its resolution) on
-   Lite0, batch 8, 224 px: its batch time / the single auto layer's, beside forward-only;
+   Lite0, batch 8, 224 px: its batch time / the single auto layer's, beside forward-only,
+   and a folder end to end with `--layer fine` against `--layer auto` per image;
 6. overlays: PNG encoder settings (time and size) on 640x480 overlays, a grid and tiles, and
    a folder with `-m cam,gradcam,gradcam++` against `-m gradcam` per image beyond start-up;
 7. on a CUDA device (skipped without one): images/s of Grad-CAM and Score-CAM on resnet50 and
@@ -431,7 +432,7 @@ def plain_graph(explainer: Explainer, x: torch.Tensor) -> object:
 # --- 5 ----------------------------------------------------------------------------------------
 
 
-def fine_layers(rounds: int) -> None:
+def fine_layers(rounds: int, folder_rounds: int, small: int, large: int) -> None:
     """`--layer fine` costs one forward and one backward for both layers; the backward runs from
     the head down to the finer layer, through Lite0's last (stride-32) stage, where the single
     auto layer's stops at the head's input. The finer layer alone is shown beside it: fusing
@@ -467,6 +468,32 @@ def fine_layers(rounds: int) -> None:
         print(row(label, f"{seconds * 1e3:.0f}", f"{seconds / base:.2f}", f"{seconds / single:.2f}"))
     print(f"\nfine (mean) / single auto layer: {times[fine_label] / single:.2f}")
     print(f"the same with the plain graph (no _LeanGraph): {times['gradcam fine mean, plain graph'] / single:.2f}")
+    fine_end_to_end(folder_rounds, small, large)
+
+
+def fine_end_to_end(rounds: int, small: int, large: int) -> None:
+    """What `--layer fine` costs a user on a folder: the CLI with the default model, per image
+    beyond start-up (decode, model, overlays, JSON), against `--layer auto`."""
+    work = Path(tempfile.mkdtemp(prefix="camcli-bench-"))
+    try:
+        for count in (small, large):
+            make_folder(work / f"in{count}", count)
+        runs = {
+            f"--layer {layer}": lambda n, layer=layer: camcli_command(
+                work / f"in{n}", work / f"out-{layer}-{n}", "--layer", layer, "--overwrite"
+            )
+            for layer in ("auto", "fine")
+        }
+        per_image = per_image_beyond_startup(runs, small, large, rounds)
+        print(f"\n`camcli explain DIR --layer ...` (Lite0, gradcam), {large} - {small} images, 640x480 JPEG\n")
+        print(header("layer", "wall ms/image beyond start-up", "x auto", "CPU ms/image", "x auto"))
+        one, one_cpu = per_image["--layer auto"]
+        for label, (seconds, cpu) in per_image.items():
+            print(
+                row(label, f"{seconds * 1e3:.0f}", f"{seconds / one:.2f}", f"{cpu * 1e3:.0f}", f"{cpu / one_cpu:.2f}")
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- 3 and 4 ----------------------------------------------------------------------------------
@@ -871,7 +898,7 @@ def main() -> None:
     if 4 in sections:
         peak_memory(20 if args.quick else 100, 200 if args.quick else 1000)
     if 5 in sections:
-        fine_layers(3 if args.quick else 10)
+        fine_layers(3 if args.quick else 10, 1 if args.quick else 3, 8 if args.quick else 16, 24 if args.quick else 112)
     if 6 in sections:
         overlays(1 if args.quick else 3, 8 if args.quick else 16, 24 if args.quick else 160)
     if 7 in sections:
