@@ -98,8 +98,8 @@ def test_an_exception_inside_a_call_leaves_the_model_as_it_was(model: Net) -> No
     model.fail = True
     with pytest.raises(RuntimeError, match="boom"):
         explainer.explain(torch.randn(1, 3, 32, 32), TargetSpec())
-    with pytest.raises(RuntimeError, match="boom"):
-        trace_forward(model, _loaded(model).input, torch.device("cpu"))
+    with pytest.raises(UsageError, match=r"cannot run a 3x32x32 input \(RuntimeError: boom\)"):
+        trace_forward(model, _loaded(model).input, torch.device("cpu"))  # the CLI's one line
     model.fail = False
     assert_same(before, snapshot(model))
 
