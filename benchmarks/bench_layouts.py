@@ -19,6 +19,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import best_times, plain_graph  # noqa: E402  (benchmarks/bench.py, beside this script)
 
+from camcli.allocator import reuse_freed_memory  # noqa: E402
 from camcli.engine import Explainer, TargetSpec  # noqa: E402
 from camcli.methods import parse_methods  # noqa: E402
 from camcli.models import InputSpec, resolve_layer  # noqa: E402
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the CLI's process does
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = InputSpec(224, (0.5,) * 3, (0.5,) * 3)

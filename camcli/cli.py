@@ -516,6 +516,8 @@ def _explain(
             f"warning: {prepared.loaded.name} has random weights (--weights none): its predictions and maps "
             "show an untrained network"
         )
+    if prepared.loaded.adapted and not view.quiet:
+        _warn(f"note: {prepared.loaded.name} was {prepared.loaded.adapted}")
     from camcli.run.local import LocalRun
     from camcli.run.reporting import Reporter
 
@@ -989,8 +991,11 @@ def layers(
                 "logits": logits,
                 "layers": rows_json,
             }
+            | ({"adapted": loaded.adapted} if loaded.adapted else {})
         )
     else:
+        if loaded.adapted:
+            _warn(f"note: {loaded.name} was {loaded.adapted}")
         typer.echo(commands.format_layers(rows, auto, logits, loaded.name, depth, fine))
 
 

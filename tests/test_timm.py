@@ -89,3 +89,35 @@ def test_explain_a_timm_model(tmp_path, samples_dir) -> None:
     assert result.exit_code == 0, result.output
     record = json.loads((out / "skimage_camera.png.json").read_text())
     assert record["model"] == "timm:resnet18" and record["explanations"][0]["layer"] == "layer4"
+
+
+def test_a_timm_vit_takes_another_input_size_as_timm_fine_tunes_it(tmp_path) -> None:
+    """--input-size 160 on a ViT of 224: camcli calls timm's set_input_size after loading the
+    file; timm building the model at 160 and loading the same file (its checkpoint filter
+    resamples the position embeddings) is the independent reference: the same logits."""
+    from safetensors.torch import save_file
+
+    name = "vit_tiny_patch16_224"
+    torch.manual_seed(0)
+    path = tmp_path / "vit.safetensors"
+    save_file(timm.create_model(name).state_dict(), str(path))
+    loaded = load_model(f"timm:{name}", str(path), input_size=160)
+    assert loaded.input.size == 160 and "token grid 14x14 -> 10x10" in loaded.adapted
+    reference = timm.create_model(name, img_size=160, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), reference.eval()(x), atol=1e-5, rtol=1e-4)
+    assert load_model(f"timm:{name}", str(path), input_size=224).adapted is None  # its own size: untouched
+    assert load_model("timm:resnet18", "none", input_size=160).adapted is None  # a CNN takes any size
+
+
+def test_explain_a_timm_vit_at_another_size_says_so(tmp_path, samples_dir) -> None:
+    out = tmp_path / "out"
+    args = ["explain", str(samples_dir / "skimage_camera.png"), "--model", "timm:vit_tiny_patch16_224"]
+    result = CliRunner().invoke(app, [*args, "--weights", "none", "--input-size", "160", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "note: timm:vit_tiny_patch16_224 was built for 224 px, resized to 160 px" in result.output
+    record = json.loads((out / "skimage_camera.png.json").read_text())
+    assert "token grid 14x14 -> 10x10" in record["adapted"] and record["input"]["size"] == [160, 160]
+    layers = CliRunner().invoke(app, ["layers", "timm:vit_tiny_patch16_224", "--input-size", "160"])
+    assert layers.exit_code == 0 and "1+100 -> 10x10" in layers.output, layers.output

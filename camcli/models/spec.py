@@ -75,6 +75,7 @@ class LoadedModel:
     categories: list[str] | None  # class names, or None for unnamed classes
     output_key: str | int | None = None  # --output-key: which entry of the output holds the logits
     random_weights: bool = False  # nothing was loaded: predictions and maps come from random weights
+    adapted: str | None = None  # what was changed so the model takes --input-size (ViT position embeddings)
 
     def label(self, index: int) -> str:
         if self.categories is not None and 0 <= index < len(self.categories):

@@ -10,10 +10,13 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from camcli.errors import UsageError
 from camcli.models.spec import InputSpec, LoadedModel, read_labels
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ModelSource:
@@ -33,6 +36,13 @@ class ModelSource:
         A source that can run a model's own code (Hugging Face) sets `runs_remote_code`
         and takes ``trust_remote_code=True`` as a keyword."""
         raise NotImplementedError
+
+    def adapt_input_size(self, model: nn.Module, native: int, size: int) -> str | None:
+        """Make `model` (built for `native` px) take `size` px, where the family has a way
+        (timm's `set_input_size` resamples a ViT's position embeddings), and say what was
+        changed; None where nothing needs changing (a CNN takes any size). A model that
+        cannot take the size at all is refused by the traced forward, with its own reason."""
+        return None
 
     def categories(self, model: str, weights: str | None) -> list[str] | None:
         """The class names `load` will give, read from metadata without building the model
@@ -126,6 +136,8 @@ def load_model(
     loaded.output_key = output_key
     loaded.random_weights = loaded.random_weights or (weights or "").lower() == "none"
     spec = loaded.input
+    if input_size is not None and input_size != spec.size:
+        loaded.adapted = source.adapt_input_size(loaded.model, spec.size, input_size)
     if input_size is not None or mean is not None or std is not None:
         spec = InputSpec(
             size=input_size or spec.size,

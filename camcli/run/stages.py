@@ -348,6 +348,8 @@ def build_record(prepared: Prepared, outcome: Outcome, image: str | None = None)
     }
     if loaded.random_weights:  # said in the JSON as on stderr: nothing was loaded
         record["random_weights"] = True
+    if loaded.adapted:  # said in the JSON as on stderr: the model was resized for --input-size
+        record["adapted"] = loaded.adapted
     if prepared.score != "softmax":
         record["score"] = prepared.score
     if outcome.image is None:

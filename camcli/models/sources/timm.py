@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from camcli.errors import UsageError
 from camcli.models.spec import (
@@ -18,6 +20,9 @@ from camcli.models.spec import (
 )
 from camcli.models.weights import apply_state_dict, head_classes, read_weights_file, timm_cached_weights
 from camcli.models.zoo import ModelSource, register_source
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def timm_available() -> bool:
@@ -76,3 +81,27 @@ class TimmSource(ModelSource):
         classes = getattr(net, "num_classes", None)
         categories = imagenet_categories() if classes == 1000 else None
         return LoadedModel(net, model, label, spec, categories)
+
+    def adapt_input_size(self, model: nn.Module, native: int, size: int) -> str | None:
+        """timm's own `set_input_size` (ViT, DeiT, BEiT, EVA, Swin, MaxViT...): position
+        embeddings (and Swin's windows) resampled to the new token grid, as timm does for
+        fine-tuning at another resolution. Models without it are left as built."""
+        resize = getattr(model, "set_input_size", None)
+        if resize is None:
+            return None
+        embed = getattr(model, "patch_embed", None)
+        before = tuple(getattr(embed, "grid_size", ()) or ())
+        try:
+            with warnings.catch_warnings():  # torch's deprecation notes from timm's interpolation code
+                warnings.simplefilter("ignore", UserWarning)
+                resize(img_size=(size, size))
+        except (ValueError, AssertionError, RuntimeError, TypeError) as exc:
+            raise UsageError(f"timm cannot make this model take {size} px (--input-size): {exc}") from exc
+        after = tuple(getattr(embed, "grid_size", ()) or ())
+        grids = (
+            f": token grid {before[0]}x{before[1]} -> {after[0]}x{after[1]}" if len(before) == len(after) == 2 else ""
+        )
+        return (
+            f"built for {native} px, resized to {size} px by timm's set_input_size{grids} "
+            "(position embeddings or windows resampled: the model is no longer exactly the one trained)"
+        )
