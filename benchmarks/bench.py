@@ -139,6 +139,9 @@ def gradient_methods(rounds: int) -> None:
         separate = Explainer(copy.deepcopy(plain), layer, parse_methods("guided-gradcam"))
         separate._shared_guided = lambda: None  # type: ignore[method-assign]  # the CAM and guided forwards apart
         contenders["guided-gradcam, two forwards"] = lambda e=separate, x=x: e.explain(x, TargetSpec())
+        unfolded = Explainer(copy.deepcopy(plain), layer, parse_methods("guided-backprop"))
+        unfolded.folds.disabled = True  # batch norm as a multiply-add after its conv (camcli.bnfold off)
+        contenders["guided-backprop, batch norm not folded"] = lambda e=unfolded, x=x: e.explain(x, TargetSpec())
         if pytorch_grad_cam is not None:
             anchor_model = copy.deepcopy(plain)
             anchor = pytorch_grad_cam.GradCAM(anchor_model, [dict(anchor_model.named_modules())[layer.name]])
@@ -422,7 +425,7 @@ def plain_graph(explainer: Explainer, x: torch.Tensor) -> object:
     import camcli.engine as engine
 
     lean = engine.lean_graph_from
-    engine.lean_graph_from = lambda modules: contextlib.nullcontext()  # type: ignore[assignment]
+    engine.lean_graph_from = lambda modules, folds=None: contextlib.nullcontext()  # type: ignore[assignment]
     try:
         return explainer.explain(x, TargetSpec())
     finally:
@@ -460,6 +463,9 @@ def fine_layers(rounds: int, folder_rounds: int, small: int, large: int) -> None
     for label, explainer in explainers.items():
         contenders[label] = lambda e=explainer: e.explain(x, TargetSpec())
     contenders["gradcam fine mean, plain graph"] = lambda: plain_graph(explainers[fine_label], x)
+    unfolded = Explainer(model, fine, parse_methods("gradcam"))
+    unfolded.folds.disabled = True
+    contenders["gradcam fine mean, batch norm not folded"] = lambda: unfolded.explain(x, TargetSpec())
     times = best_times(contenders, rounds)
     single = times[next(iter(explainers))]
     print(header("contender", "ms/batch", "x forward", "x auto"))

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from camcli.attention import Transformer, capture_attention, find_transformer
+from camcli.bnfold import BatchNormFolds, FoldingMode, FoldMismatch, batch_norm_affine
 from camcli.choices import FUSIONS, SMOOTHINGS  # re-exported: --fuse and --smooth choices
 from camcli.chunking import ChunkSizer
 from camcli.errors import MethodNotApplicable, OptionError, UsageError
@@ -403,8 +404,25 @@ class _LeanGraph(TorchFunctionMode):
     its functional form the transposed input, whose in-projection is such a linear: its
     query, key and value are made contiguous before (one copy where they are one tensor)."""
 
+    def __init__(self, folds: BatchNormFolds | None = None) -> None:
+        super().__init__()
+        self.folding = None if folds is None else FoldingMode(folds)  # conv + batch norm as one conv
+
     def __torch_function__(self, func: Any, types: Any, args: Sequence = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if self.folding is not None:
+            out = self.folding.handle(func, tuple(args), kwargs)
+            if out is not NotImplemented:
+                return out
+        return self.lean(func, args, kwargs)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.folding is not None:
+            self.folding.close(learn=exc[0] is None)  # a pass that raised teaches nothing
+        super().__exit__(*exc)
+
+    def lean(self, func: Any, args: Sequence, kwargs: Any) -> Any:
+        """The call in its cheapest exact form."""
         if func is F.batch_norm:
             return _batch_norm_as_affine(*args, **kwargs)
         if func is F.linear and args and isinstance(args[0], Tensor) and args[0].ndim > 2:
@@ -417,11 +435,11 @@ class _LeanGraph(TorchFunctionMode):
 
 
 @contextmanager
-def lean_graph_from(modules: Sequence[nn.Module]) -> Iterator[None]:
+def lean_graph_from(modules: Sequence[nn.Module], folds: BatchNormFolds | None = None) -> Iterator[None]:
     """`_LeanGraph` from the output of the first of `modules` that runs (the leaf where the
     graph starts) to the end of the block. The ops before run untouched: a mode active
     there would, among others, turn off nn.MultiheadAttention's fused inference path."""
-    mode = _LeanGraph()
+    mode = _LeanGraph(folds)
     entered = False
 
     def enter(*_: Any) -> None:
@@ -445,13 +463,12 @@ class _RectifierMode(_LeanGraph):
     `_Rectifier`; refuses activations the rule is not defined for. Its graph starts at
     the input, so the whole forward is lean (`_LeanGraph`)."""
 
-    def __init__(self, rule: Callable[..., Tensor], method: str) -> None:
-        super().__init__()
+    def __init__(self, rule: Callable[..., Tensor], method: str, folds: BatchNormFolds | None = None) -> None:
+        super().__init__(folds)
         self.rule = rule
         self.method = method
 
-    def __torch_function__(self, func: Any, types: Any, args: Sequence = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
+    def lean(self, func: Any, args: Sequence, kwargs: Any) -> Any:
         if func in _RELU_FUNCTIONS:
             return _Rectifier.apply(args[0], 0.0, math.inf, self.rule)
         if func is F.relu6:
@@ -464,7 +481,7 @@ class _RectifierMode(_LeanGraph):
             raise _not_rectifier(self.method, f"hardtanh({lo}, {hi})")
         if func in _NON_RECTIFIER_FUNCTIONS:
             raise _not_rectifier(self.method, func.__name__)
-        return super().__torch_function__(func, types, args, kwargs)
+        return super().lean(func, args, kwargs)
 
 
 def _batch_norm_as_affine(
@@ -481,12 +498,7 @@ def _batch_norm_as_affine(
     is one multiply, where aten's batch-norm backward costs 2.5x its forward on the CPU."""
     if training or running_mean is None or running_var is None or x.ndim != 4:
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    scale = (running_var + eps).rsqrt()
-    if weight is not None:
-        scale = scale * weight
-    shift = -running_mean * scale
-    if bias is not None:
-        shift = shift + bias
+    scale, shift = batch_norm_affine(running_mean, running_var, weight, bias, eps)
     return torch.addcmul(shift[:, None, None], x, scale[:, None, None])
 
 
@@ -538,6 +550,7 @@ class Explainer:
         self.layer_name = ",".join(info.name for info in self.layers)
         self.layout = ", ".join(info.layout.describe() for info in self.layers)
         self.chunk_sizer = ChunkSizer(chunk_size, self.device)
+        self.folds = BatchNormFolds(model)  # the recorded passes' conv + batch norm (camcli.bnfold)
         self.chunk_size = self.chunk_sizer.limit  # chunks of forwards with hooks or backwards: fixed
         # channels_last changes only the layout of the 4-D weights and inputs, never a value:
         # oneDNN's convolutions run without reorders, 0.55x (Lite0) to 0.85x (resnet50) the
@@ -637,6 +650,7 @@ class Explainer:
         other._in_session = self._in_session
         other._inference_model = self._inference_model  # the folded copy, once built, is shared
         other.chunk_sizer = self.chunk_sizer  # and the chunk size found for it
+        other.folds = self.folds  # and the conv + batch-norm pairs learned
         return other
 
     @contextmanager
@@ -659,6 +673,13 @@ class Explainer:
             return self._explain(inputs, target)
 
     def _explain(self, inputs: Tensor, target: TargetSpec) -> BatchResult:
+        try:
+            return self._explain_passes(inputs, target)
+        except FoldMismatch:  # the model reads a conv output the first pass saw only its norm read
+            self.folds.disabled = True
+            return self._explain_passes(inputs, target)
+
+    def _explain_passes(self, inputs: Tensor, target: TargetSpec) -> BatchResult:
         results: dict[tuple[str, int], Explanation] = {}
         inputs = inputs.contiguous(memory_format=self.memory_format)
         with frozen(self.model):
@@ -728,14 +749,14 @@ class Explainer:
         switch = _SwitchedRule(_plain_rectifier_backward)
         if guided is not None:  # one forward for both: the input is the leaf, rectifiers switchable
             model_inputs = inputs.detach().requires_grad_(True)
-            mode = _RectifierMode(switch, guided.name)
+            mode = _RectifierMode(switch, guided.name, self.folds)
         with ExitStack() as stack:
             stores = [
                 stack.enter_context(capture(module, info.as_consumed, track_grad, info.layout))
                 for module, info in zip(self.modules, self.layers, strict=True)
             ]
             if track_grad and guided is None:  # the graph starts at the first layer reached
-                stack.enter_context(lean_graph_from(self.modules))
+                stack.enter_context(lean_graph_from(self.modules, self.folds))
             exact = any(m.needs_fp32 for m in [*self._cam, *self._layer_image])
             with torch.set_grad_enabled(track_grad or guided is not None), mode:
                 logits = self._call(self.net, model_inputs, exact)
@@ -932,7 +953,7 @@ class Explainer:
         """`module`'s activations and d(logit of targets)/d(activations) for extra inputs,
         each read as (N, C, h, w) by the layer's layout, as the CAM pass hands them."""
         with capture(module, info.as_consumed, track_grad=True, layout=info.layout) as store, torch.enable_grad():
-            with lean_graph_from([module]):
+            with lean_graph_from([module], self.folds):
                 logits = self._hooked_forward(inputs)
             activations = store["activation"]
             score = logits.gather(1, targets[:, None]).sum()
@@ -963,7 +984,7 @@ class Explainer:
             leaf = flat_inputs[start : start + step].detach().contiguous(memory_format=self.memory_format)
             leaf.requires_grad_(True)
             samples_of = torch.arange(start, start + len(leaf), device=inputs.device) % inputs.shape[0]
-            mode = nullcontext() if rule is None else _RectifierMode(rule, method.name)
+            mode = nullcontext() if rule is None else _RectifierMode(rule, method.name, self.folds)
             with torch.enable_grad(), mode, _outputs(modules) as outputs:
                 out = self._call(self.net, leaf, method.needs_fp32)
             if targets is None:  # plain pass without an earlier one: this forward is the clean one

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from camcli.bnfold import folded_conv
+
 _TOLERANCE = 1e-4
 
 
@@ -135,19 +137,10 @@ def _in_place_activations(modules: dict[str, nn.Module], readers: dict[str, list
     ]
 
 
-@torch.no_grad()
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    assert bn.running_mean is not None and bn.running_var is not None
-    scale = (bn.running_var + bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    conv.weight.mul_(scale.reshape(-1, *([1] * (conv.weight.ndim - 1))))
-    conv.bias = nn.Parameter(shift.to(conv.weight.dtype), requires_grad=False)
+    weight, bias = folded_conv(conv.weight, conv.bias, bn)
+    conv.weight = nn.Parameter(weight, requires_grad=False)
+    conv.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:

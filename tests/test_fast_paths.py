@@ -97,7 +97,7 @@ def test_the_lean_graph_changes_no_map(monkeypatch, build, size, layer, methods)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     lean = Explainer(model, layers, parse_methods(methods)).explain(x, TargetSpec(topk=2))
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "lean_graph_from", lambda modules: contextlib.nullcontext())
+        patch.setattr(engine, "lean_graph_from", lambda modules, folds=None: contextlib.nullcontext())
         plain = Explainer(model, layers, parse_methods(methods)).explain(x, TargetSpec(topk=2))
     torch.testing.assert_close(lean.logits, plain.logits, atol=1e-5, rtol=1e-5)
     for a, b in zip(lean.explanations, plain.explanations, strict=True):
