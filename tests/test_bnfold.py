@@ -93,41 +93,44 @@ def _tiny() -> tuple[nn.Module, list, torch.Tensor]:
     return model, layers, torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
 
 
-def test_a_conv_output_read_beside_its_norm_is_not_folded() -> None:
-    model, layers, x = _tiny()
-    model.raw = True
-    explainer = Explainer(model, layers, parse_methods("gradcam,guided-backprop"))
+def _watched(model: nn.Module, layers, x: torch.Tensor, methods: str = "gradcam,guided-backprop") -> Explainer:
+    """An explainer after its first (watched) pass, folding every pair from then on."""
+    explainer = Explainer(model, layers, parse_methods(methods))
     explainer.folds.pixels_per_weight = 0.0
     explainer.explain(x, TargetSpec())
-    assert explainer.folds.pairs == {}  # the add read y: no pair
-    again = explainer.explain(x, TargetSpec())
-    assert explainer.folds.folded_calls == 0
-    for a, b in zip(
-        again.explanations, _unfolded(model, layers, "gradcam,guided-backprop", x, 1).explanations, strict=True
-    ):
-        torch.testing.assert_close(a.maps, b.maps)
+    return explainer
 
 
-def test_a_model_whose_reads_change_falls_back_to_the_unfolded_pass() -> None:
-    model, layers, x = _tiny()
-    explainer = Explainer(model, layers, parse_methods("gradcam,guided-backprop"))
-    explainer.folds.pixels_per_weight = 0.0
-    explainer.explain(x, TargetSpec())
-    assert id(model.conv.weight) in explainer.folds.pairs  # learned while y went to the norm only
-    model.raw = True  # now y is read by the add too: the folded y would be wrong there
-    result = explainer.explain(x, TargetSpec())
-    assert explainer.folds.disabled  # the mismatch was caught, the pass re-run unfolded
+def _assert_unfolded_maps(model: nn.Module, layers, x: torch.Tensor, result) -> None:
     reference = _unfolded(model, layers, "gradcam,guided-backprop", x, 1)
     torch.testing.assert_close(result.logits, reference.logits)
     for a, b in zip(result.explanations, reference.explanations, strict=True):
         torch.testing.assert_close(a.maps, b.maps)
 
 
+def test_a_conv_output_read_beside_its_norm_is_not_folded() -> None:
+    model, layers, x = _tiny()
+    model.raw = True
+    explainer = _watched(model, layers, x)
+    assert explainer.folds.pairs == {}  # the add read y: no pair
+    again = explainer.explain(x, TargetSpec())
+    assert explainer.folds.folded_calls == 0
+    _assert_unfolded_maps(model, layers, x, again)
+
+
+def test_a_model_whose_reads_change_falls_back_to_the_unfolded_pass() -> None:
+    model, layers, x = _tiny()
+    explainer = _watched(model, layers, x)
+    assert id(model.conv.weight) in explainer.folds.pairs  # learned while y went to the norm only
+    model.raw = True  # now y is read by the add too: the folded y would be wrong there
+    result = explainer.explain(x, TargetSpec())
+    assert explainer.folds.disabled  # the mismatch was caught, the pass re-run unfolded
+    _assert_unfolded_maps(model, layers, x, result)
+
+
 def test_a_hooked_conv_is_not_folded_and_its_hook_sees_its_own_output() -> None:
     model, layers, x = _tiny()
-    explainer = Explainer(model, layers, parse_methods("guided-backprop"))
-    explainer.folds.pixels_per_weight = 0.0
-    explainer.explain(x, TargetSpec())
+    explainer = _watched(model, layers, x, "guided-backprop")
     seen: list[torch.Tensor] = []
     handle = model.conv.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     try:
