@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import json
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def deliverable_ctrl_c() -> Iterator[None]:
+    """The Ctrl-C tests need SIGINT delivered. A shell starts a background job (`cmd &`, CI
+    runners, nohup) with SIGINT ignored, and camcli, like Python, keeps an ignored SIGINT
+    ignored, in its own process and in the children that inherit it: there those tests
+    would see their signal dropped. The session takes Python's default handler instead."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")
