@@ -5,7 +5,8 @@ backward per target rank) for all CAM-family methods together: parameters are
 frozen for the call and the hooked activation is made a leaf that requires grad,
 so autograd records nothing before it and `torch.autograd.grad` computes no weight
 gradients; from the layer on, the recorded ops take their cheapest exact form
-(`_LeanGraph`: eval batch norm as a multiply-add, attention in-projections as one matmul).
+(`_LeanGraph`: eval batch norm as a multiply-add, or from the second batch on folded into
+the convolution that alone feeds it (`camcli.bnfold`), attention in-projections as one matmul).
 With several layers (`--layer a,b`) all are captured in that forward and
 one `torch.autograd.grad` call returns the gradients of all of them; each method's
 normalised maps are fused (`fuse`): averaged, or multiplied as RefineCAM does.
