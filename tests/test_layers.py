@@ -185,18 +185,51 @@ def test_named_layer_that_is_not_a_feature_map() -> None:
         resolve_layer(resnet.model, "fc", resnet.input, CPU)
 
 
-def test_a_model_of_fixed_input_size_refuses_another_in_one_line(tmp_path, samples_dir) -> None:
-    """torchvision's ViT asserts its image size: at --input-size 96 the traced forward fails,
+def test_a_model_that_cannot_run_the_input_size_is_refused_in_one_line(tmp_path, samples_dir) -> None:
+    """torchvision's MaxViT partitions 7x7 windows: at --input-size 100 its traced forward fails,
     and the user gets one line with the model's own reason and exit 2, not a traceback."""
     from typer.testing import CliRunner
 
     from camcli.cli import app
 
+    args = ["explain", str(samples_dir / "skimage_coffee.png"), "--model", "maxvit_t", "--weights", "none"]
+    result = CliRunner().invoke(app, [*args, "--input-size", "100", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "cannot run a 3x100x100 input (RuntimeError: shape" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_torchvision_vit_takes_another_size_as_torchvision_resamples_it(tmp_path, samples_dir) -> None:
+    """camcli resizes the built ViT in place; the reference is torchvision's own route: a ViT
+    built at the new size holding `interpolate_embeddings` of the same weights."""
+    from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+    from typer.testing import CliRunner
+
+    from camcli.cli import app
+    from camcli.models.sources.torchvision import TorchvisionSource
+
+    torch.manual_seed(0)
+    shape = {"patch_size": 8, "num_layers": 1, "num_heads": 2, "hidden_dim": 16, "mlp_dim": 32, "num_classes": 5}
+    model = VisionTransformer(image_size=32, **shape).eval()
+    reference = VisionTransformer(image_size=48, **shape).eval()
+    reference.load_state_dict(interpolate_embeddings(48, 8, model.state_dict()))
+    note = TorchvisionSource().adapt_input_size(model, 32, 48)
+    assert note is not None and "token grid 4x4 -> 6x6" in note
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    assert TorchvisionSource().adapt_input_size(torchvision_resnet(), 224, 96) is None  # a CNN takes any size
+
     args = ["explain", str(samples_dir / "skimage_coffee.png"), "--model", "vit_b_16", "--weights", "none"]
     result = CliRunner().invoke(app, [*args, "--input-size", "96", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 2, result.output
-    assert "cannot run a 3x96x96 input (AssertionError: Wrong image height! Expected 224 but got 96!)" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+    assert result.exit_code == 0, result.output
+    assert "vit_b_16 was built for 224 px, resized to 96 px: token grid 14x14 -> 6x6" in result.output
+
+
+def torchvision_resnet() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18()
 
 
 # --- 4: the model x method table ----------------------------------------------------------------

@@ -112,7 +112,7 @@ def trace_forward(
         reason = (str(exc).strip().splitlines() or [""])[0]
         raise UsageError(
             f"the model cannot run a {spec.channels}x{spec.size}x{spec.size} input "
-            f"({type(exc).__name__}: {reason}); models with a fixed input size take no other --input-size"
+            f"({type(exc).__name__}: {reason}); --input-size must be a size this model can run"
         ) from exc
     finally:
         for handle in handles:

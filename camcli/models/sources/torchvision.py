@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torchvision
+from torch import nn
 from torchvision.models import WeightsEnum
 
 from camcli.errors import UsageError
@@ -78,6 +79,28 @@ class TorchvisionSource(ModelSource):
             interpolation=transforms.interpolation.value,
         )
         return LoadedModel(net, model, str(member), spec, list(member.meta["categories"]))
+
+    def adapt_input_size(self, model: nn.Module, native: int, size: int) -> str | None:
+        """torchvision's ViTs assert their image size: the position embeddings are resampled
+        by torchvision's own `interpolate_embeddings` (bicubic, as for fine-tuning at another
+        resolution) and the size the model checks is set. Other models are left as built."""
+        from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+        if not isinstance(model, VisionTransformer) or size == model.image_size:
+            return None
+        if size < model.patch_size:
+            raise UsageError(f"--input-size {size} is smaller than this ViT's {model.patch_size} px patch")
+        before = model.image_size // model.patch_size
+        key = "encoder.pos_embedding"
+        state = interpolate_embeddings(size, model.patch_size, {key: model.encoder.pos_embedding.detach()})
+        model.encoder.pos_embedding = nn.Parameter(state[key], requires_grad=model.encoder.pos_embedding.requires_grad)
+        model.image_size = size
+        after = size // model.patch_size
+        return (
+            f"built for {native} px, resized to {size} px: token grid {before}x{before} -> {after}x{after} "
+            "(position embeddings resampled by torchvision's interpolate_embeddings: the model is no longer "
+            "exactly the one trained)"
+        )
 
 
 def _from_file_or_none(model: str, enum: type[WeightsEnum], choice: str) -> LoadedModel:
