@@ -161,7 +161,8 @@ class FoldingMode:
         self.cache: dict[int, tuple[Tensor, Tensor]] = {}
         # autocast (--precision bf16/fp16) keeps its own, tested path: the norm would run in
         # fp32 there, the folded convolution in the reduced type
-        self.active = not folds.disabled and not _global_hooks() and not _autocast()
+        # a model that taught no pair (a ViT, a plain network) pays no per-call check
+        self.active = not folds.disabled and folds.pairs != {} and not _global_hooks() and not _autocast()
 
     def handle(self, func: Any, args: tuple, kwargs: dict) -> Any:
         if not self.active:
